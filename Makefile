@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - run the main job on the built-in tiny model
+#   make test   - run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test clean
+
+$(VENV)/.stamp-base: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# torch is installed explicitly first: the pinned 2.13.0 is a small CPU build;
+# an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.stamp-test: $(VENV)/.stamp-base
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+demo: $(VENV)/.stamp-base
+	$(BIN)/python -m distkv_jax.demo
+
+test: $(VENV)/.stamp-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Attention kernels (installed as ``distkv_jax.kernels``)."""

@@ -1,0 +1,1 @@
+"""Flax Llama-family models and checkpoint loading (installed as ``distkv_jax.models``)."""
