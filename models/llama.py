@@ -1,0 +1,120 @@
+"""Flax Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2).
+
+Mirrors transformers' `LlamaForCausalLM`: RMSNorm -> attention (GQA, rotary,
+optional q/k/v bias) -> residual -> RMSNorm -> SwiGLU MLP -> residual, with the
+decoder layers stacked and run by `nn.scan` so one layer body is compiled once.
+
+Attention goes through `attention_fn` (see `models/attention.py`): the model
+computes q, k, v and hands them with the layer's cache slice to that function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import AttentionFn
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        # Normalize in float32, cast back, then scale (as transformers does).
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * xf.astype(x.dtype)
+
+
+def rotary_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [..., head_dim] for integer positions [...]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, S, H, D]; cos, sin: [B, S, D]. Half-split (rotate_half) convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _dense(features: int, bias: bool, dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    attention_fn: AttentionFn
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, layer_cache, cos, sin, meta):
+        cfg = self.config
+        batch, seq, _ = h.shape
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(h)
+        q = _dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "q_proj")(x)
+        k = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "k_proj")(x)
+        v = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "v_proj")(x)
+        q = apply_rotary(q.reshape(batch, seq, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+
+        attn, layer_cache = self.attention_fn(q, k, v, layer_cache, meta)
+        attn = attn.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
+        h = h + _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(attn)
+
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_norm")(h)
+        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(x)
+        h = h + _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
+        return h, layer_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """tokens, positions: [B, S] int32 -> (logits, new cache).
+
+    `cache` is any pytree whose leaves have a leading num_layers axis; layer i
+    receives slice i. `logits_index` ([B, K], optional) selects which
+    positions of each row get logits, so decode steps skip the vocab
+    projection of positions nobody samples from.
+    """
+
+    config: ModelConfig
+    attention_fn: AttentionFn
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache, meta, logits_index=None):
+        cfg = self.config
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                         param_dtype=self.dtype, name="embed")
+        h = embed(tokens)
+        inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim), jnp.float32)
+        cos, sin = rotary_cos_sin(positions, inv_freq, self.dtype)
+
+        layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, self.attention_fn, self.dtype, name="layers")
+        h, cache = layers(h, cache, cos, sin, meta)
+
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(h)
+        if logits_index is not None:
+            h = jnp.take_along_axis(h, logits_index[..., None], axis=1)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(h)
+        return logits, cache
