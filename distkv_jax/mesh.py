@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -44,3 +45,12 @@ def make_mesh(shape: str | MeshShape, devices=None) -> Mesh:
         )
     grid = np.array(devices[: shape.size], dtype=object).reshape(shape.inst, shape.tp)
     return Mesh(grid, (INST, TP))
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Ask XLA for `count` simulated CPU devices. Effective only before JAX
+    initializes its backend (first jax.devices() or computation); an explicit
+    device count already in XLA_FLAGS wins."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
