@@ -1,0 +1,106 @@
+"""gManager: the debt ledger over all rManagers (plain Python + numpy, no JAX).
+
+``ledger[d, c]`` is the number of instance ``c``'s blocks held by requests
+homed on instance ``d`` (debtor ``d`` owes creditor ``c``). Allocation is
+local first; the rest is borrowed from the creditor with the most lendable
+blocks, ties to the lowest instance id, repeatedly, until served. Allocation
+is all-or-nothing: if the blocks cannot all be found nothing is taken.
+
+Fairness between competing debtors is the caller's order: the facade serves
+requests in arrival order (oldest first), never in dict or set order.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from distkv_jax.block_manager import BlockManager
+from distkv_jax.kv_types import KVCacheConfig
+
+
+class GlobalManager:
+    def __init__(self, config: KVCacheConfig) -> None:
+        self.config = config
+        n = config.num_instances
+        self.managers = [
+            BlockManager(i, config.blocks_per_instance, config.lend_cap) for i in range(n)
+        ]
+        self.ledger = np.zeros((n, n), dtype=np.int64)
+
+    # -- queries -----------------------------------------------------------
+    def free_counts(self) -> np.ndarray:
+        return np.asarray([m.num_free for m in self.managers], dtype=np.int64)
+
+    def lendable_counts(self) -> np.ndarray:
+        return np.asarray([m.lendable for m in self.managers], dtype=np.int64)
+
+    def available_for(self, debtor: int) -> int:
+        """Blocks a request homed on ``debtor`` could get right now."""
+        own = self.managers[debtor].num_free
+        if self.config.kv_policy == "local":
+            return own
+        lend = self.lendable_counts()
+        return own + int(lend.sum() - lend[debtor])
+
+    def remote_blocks(self) -> int:
+        return int(self.ledger.sum())
+
+    # -- allocation ----------------------------------------------------------
+    def allocate(self, debtor: int, n: int) -> list[int] | None:
+        """``n`` global block ids for a request homed on ``debtor``, or None."""
+        if n <= 0:
+            return []
+        if self.available_for(debtor) < n:
+            return None
+        home = self.managers[debtor]
+        k = min(n, home.num_free)
+        out = home.allocate_local(k)
+        rem = n - k
+        while rem > 0:
+            lend = self.lendable_counts()
+            lend[debtor] = -1
+            creditor = int(np.argmax(lend))  # first max: ties go to the lowest id
+            take = min(rem, int(lend[creditor]))
+            got = self.managers[creditor].allocate_remote(debtor, take)
+            if got is None or take <= 0:  # cannot happen after the check above
+                raise RuntimeError("gManager: creditor refused a checked loan")
+            self.ledger[debtor, creditor] += take
+            out.extend(got)
+            rem -= take
+        return out
+
+    def allocate_on(self, debtor: int, instance: int, n: int) -> list[int] | None:
+        """``n`` blocks on a given instance for a request homed on ``debtor``."""
+        if instance == debtor:
+            if self.managers[instance].num_free < n:
+                return None
+            return self.managers[instance].allocate_local(n)
+        if self.config.kv_policy == "local":
+            return None
+        got = self.managers[instance].allocate_remote(debtor, n)
+        if got is not None:
+            self.ledger[debtor, instance] += n
+        return got
+
+    def free(self, debtor: int, global_ids: Sequence[int]) -> None:
+        """Return blocks held by a request homed on ``debtor``."""
+        if len(global_ids) == 0:
+            return
+        ids = np.asarray(global_ids, dtype=np.int64)
+        owners = ids // self.config.blocks_per_instance
+        for c in np.unique(owners):  # ascending: deterministic
+            c = int(c)
+            mine = ids[owners == c]
+            self.managers[c].free(mine.tolist())
+            if c != debtor:
+                self.ledger[debtor, c] -= mine.shape[0]
+
+    def rehold(self, global_id: int, old_home: int, new_home: int) -> None:
+        """A block passes from a request of ``old_home`` to one of ``new_home``."""
+        c = int(global_id) // self.config.blocks_per_instance
+        self.managers[c].rehold(global_id, new_home)
+        if old_home != c:
+            self.ledger[old_home, c] -= 1
+        if new_home != c:
+            self.ledger[new_home, c] += 1

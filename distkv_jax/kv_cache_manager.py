@@ -1,0 +1,349 @@
+"""Scheduler-facing facade of the distributed KV cache (plain Python + numpy).
+
+Owns the rManagers and gManager (``GlobalManager``), the host tier and the
+block table, and turns scheduler events into plans for the device:
+
+    admit(rid, instance=None) -> home instance
+    grow(rid, n) -> GrowResult              # slots for n new tokens, preempting if needed
+    finish(rid)                              # frees device and host blocks
+    preempt(rid) -> Preemption               # swap to host, or recompute if host is full
+    swap_in(rid) -> CopyPlan | None          # host -> device, None if no room
+    defragment(max_blocks=None) -> CopyPlan  # debt-cycle rotation
+    migrate(max_blocks=None) -> CopyPlan     # borrowed blocks back home
+    plan_migration(max_blocks=None) -> CopyPlan  # both, within the per-step budget
+    prepare_step(demands) -> StepKVPlan      # all of the above for one engine step
+
+Requests are ordered by arrival (``admit`` order); every loop over requests
+follows that order, so all decisions are deterministic. Preemption victims are
+the newest running requests; growth is served oldest first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from distkv_jax import defrag
+from distkv_jax.block_table import BlockTable
+from distkv_jax.global_manager import GlobalManager
+from distkv_jax.host_tier import HostTier
+from distkv_jax.kv_types import (
+    CopyPlan,
+    GrowResult,
+    InstanceBlockView,
+    KVCacheConfig,
+    Preemption,
+    RequestId,
+    StepKVPlan,
+)
+
+RUNNING = "running"
+SWAPPED = "swapped"
+
+_EMPTY_SLOTS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class _Request:
+    rid: RequestId
+    seq: int
+    home: int
+    state: str = RUNNING
+    num_tokens: int = 0
+    host_blocks: list[int] = field(default_factory=list)
+
+
+class KVCacheManager:
+    def __init__(self, config: KVCacheConfig) -> None:
+        self.config = config
+        self.gm = GlobalManager(config)
+        self.host = HostTier(config)
+        self.table = BlockTable(
+            config.block_size, config.blocks_per_instance, config.num_instances
+        )
+        self._reqs: dict[RequestId, _Request] = {}
+        self._next_seq = 0
+
+    # ------------------------------------------------------------------ queries
+    def requests(self) -> list[RequestId]:
+        """Live request ids in arrival order."""
+        return [r.rid for r in self._ordered()]
+
+    def _ordered(self, state: str | None = None) -> list[_Request]:
+        rs = sorted(self._reqs.values(), key=lambda r: r.seq)
+        return rs if state is None else [r for r in rs if r.state == state]
+
+    def _running(self) -> list[tuple[RequestId, int]]:
+        return [(r.rid, r.home) for r in self._ordered(RUNNING)]
+
+    def state(self, rid: RequestId) -> str:
+        return self._reqs[rid].state
+
+    def home(self, rid: RequestId) -> int:
+        return self._reqs[rid].home
+
+    def num_tokens(self, rid: RequestId) -> int:
+        return self._reqs[rid].num_tokens
+
+    def block_ids(self, rid: RequestId) -> np.ndarray:
+        """Global device block ids of a running request, logical order."""
+        return self.table.blocks(rid)
+
+    def host_block_ids(self, rid: RequestId) -> tuple[int, ...]:
+        return tuple(self._reqs[rid].host_blocks)
+
+    def ledger(self) -> np.ndarray:
+        """``ledger[d, c]``: blocks of instance c held by requests homed on d."""
+        return self.gm.ledger.copy()
+
+    def free_device_blocks(self) -> np.ndarray:
+        return self.gm.free_counts()
+
+    def free_host_blocks(self) -> np.ndarray:
+        return self.host.free_counts()
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_size)
+
+    def max_request_tokens(self, instance: int = 0) -> int:
+        return self.config.max_request_blocks(instance) * self.config.block_size
+
+    def slots(self, rid: RequestId, start: int, n: int) -> np.ndarray:
+        return self.table.slots(rid, start, n)
+
+    def instance_views(self, rids: Sequence[RequestId]) -> list[InstanceBlockView]:
+        return self.table.instance_views(rids)
+
+    def snapshot(self) -> dict:
+        """Plain-data state, for determinism checks and debugging."""
+        reqs = []
+        for r in self._ordered():
+            blocks = self.table.blocks(r.rid).tolist() if r.state == RUNNING else []
+            reqs.append((repr(r.rid), r.seq, r.home, r.state, r.num_tokens, blocks,
+                         list(r.host_blocks)))
+        return {
+            "requests": reqs,
+            "ledger": self.gm.ledger.tolist(),
+            "free": [m.free_blocks().tolist() for m in self.gm.managers],
+            "host_free": [p.free_blocks().tolist() for p in self.host.pools],
+        }
+
+    # --------------------------------------------------------------- lifecycle
+    def choose_instance(self) -> int:
+        """Home for a new request: most free device blocks, ties to lowest id."""
+        return int(np.argmax(self.gm.free_counts()))
+
+    def admit(self, rid: RequestId, instance: int | None = None) -> int:
+        if rid in self._reqs:
+            raise KeyError(f"request {rid!r} already admitted")
+        home = self.choose_instance() if instance is None else int(instance)
+        if not 0 <= home < self.config.num_instances:
+            raise ValueError(f"instance {home} out of range")
+        self._reqs[rid] = _Request(rid, self._next_seq, home)
+        self._next_seq += 1
+        self.table.add(rid)
+        return home
+
+    def finish(self, rid: RequestId) -> None:
+        r = self._reqs.pop(rid)
+        ids = self.table.remove(rid)
+        self.gm.free(r.home, ids.tolist())
+        self.host.free(r.host_blocks)
+
+    # ------------------------------------------------------------------ growth
+    def grow(self, rid: RequestId, n: int) -> GrowResult:
+        """Allocate slots for ``n`` new tokens of a running request.
+
+        When the blocks cannot be found, the newest running requests that are
+        newer than this one and whose blocks would help are preempted, newest
+        first; if none is left, this request itself is preempted.
+        """
+        r = self._reqs[rid]
+        if r.state != RUNNING:
+            raise ValueError(f"grow of {r.state} request {rid!r}: swap it in first")
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        start = r.num_tokens
+        total = self.blocks_needed(start + n)
+        if total > self.config.max_request_blocks(r.home):
+            return GrowResult(rid, "too_long", start, n, _EMPTY_SLOTS)
+        need = total - self.table.num_blocks(rid)
+        preemptions: list[Preemption] = []
+        while need > 0 and self.gm.available_for(r.home) < need:
+            victim = self._pick_victim(r)
+            if victim is None:
+                preemptions.append(self._preempt(r))
+                return GrowResult(rid, "preempted", start, n, _EMPTY_SLOTS, tuple(preemptions))
+            preemptions.append(self._preempt(victim))
+        if need > 0:
+            ids = self.gm.allocate(r.home, need)
+            assert ids is not None
+            self.table.append(rid, ids)
+        r.num_tokens = start + n
+        return GrowResult(rid, "ok", start, n, self.table.slots(rid, start, n), tuple(preemptions))
+
+    def _gain(self, victim: _Request, home: int) -> int:
+        """How many more blocks a request homed on ``home`` could get if
+        ``victim`` gave back its device blocks."""
+        ids = self.table.blocks(victim.rid)
+        if ids.shape[0] == 0:
+            return 0
+        counts = np.bincount(ids // self.config.blocks_per_instance,
+                             minlength=self.config.num_instances)
+        gain = int(counts[home])
+        if self.config.kv_policy == "local":
+            return gain
+        for c in np.flatnonzero(counts).tolist():
+            if c == home:
+                continue
+            m = self.gm.managers[c]
+            free = m.num_free + int(counts[c])
+            lent = m.lent - (int(counts[c]) if victim.home != c else 0)
+            gain += max(0, min(free, m.lend_cap - lent)) - m.lendable
+        return gain
+
+    def _pick_victim(self, r: _Request) -> _Request | None:
+        for v in reversed(self._ordered(RUNNING)):
+            if v.seq <= r.seq:
+                return None
+            if self._gain(v, r.home) > 0:
+                return v
+        return None
+
+    # -------------------------------------------------------------- host tier
+    def preempt(self, rid: RequestId) -> Preemption:
+        r = self._reqs[rid]
+        if r.state != RUNNING:
+            raise ValueError(f"preempt of {r.state} request {rid!r}")
+        return self._preempt(r)
+
+    def _preempt(self, r: _Request) -> Preemption:
+        ids = self.table.blocks(r.rid).tolist()
+        if not ids:
+            r.num_tokens = 0
+            return Preemption(r.rid, "recompute")
+        host = self.host.allocate_for(r.home, ids)
+        self.table.clear(r.rid)
+        self.gm.free(r.home, ids)
+        if host is None:
+            r.num_tokens = 0
+            return Preemption(r.rid, "recompute")
+        r.state = SWAPPED
+        r.host_blocks = host
+        return Preemption(r.rid, "swap", CopyPlan("swap_out", tuple(zip(ids, host))))
+
+    def can_swap_in(self, rid: RequestId, extra_tokens: int = 0) -> bool:
+        r = self._reqs[rid]
+        need = self.blocks_needed(r.num_tokens + extra_tokens)
+        if need > self.config.max_request_blocks(r.home):
+            return False
+        return self.gm.available_for(r.home) >= need
+
+    def swap_in(self, rid: RequestId) -> CopyPlan | None:
+        """Bring a swapped request back to device blocks, or None if no room."""
+        r = self._reqs[rid]
+        if r.state != SWAPPED:
+            raise ValueError(f"swap_in of {r.state} request {rid!r}")
+        ids = self.gm.allocate(r.home, len(r.host_blocks))
+        if ids is None:
+            return None
+        self.table.append(rid, ids)
+        plan = CopyPlan("swap_in", tuple(zip(r.host_blocks, ids)))
+        self.host.free(r.host_blocks)
+        r.host_blocks = []
+        r.state = RUNNING
+        return plan
+
+    # ------------------------------------------------------- defrag / migrate
+    def _budget(self, max_blocks: int | None) -> int:
+        return self.config.migrate_blocks_per_step if max_blocks is None else max_blocks
+
+    def defragment(self, max_blocks: int | None = None) -> CopyPlan:
+        moves = defrag.cancel_cycles(self.gm, self.table, self._running(), self._budget(max_blocks))
+        return CopyPlan("move", tuple(moves))
+
+    def migrate(self, max_blocks: int | None = None) -> CopyPlan:
+        moves = defrag.return_home(self.gm, self.table, self._running(),
+                                   self._budget(max_blocks), self.config.home_reserve_blocks)
+        return CopyPlan("move", tuple(moves))
+
+    def plan_migration(self, max_blocks: int | None = None) -> CopyPlan:
+        """Cycle rotation first, then return-home moves, in one move batch."""
+        budget = self._budget(max_blocks)
+        if budget <= 0 or self.gm.remote_blocks() == 0:
+            return CopyPlan("move")
+        running = self._running()
+        moves = defrag.cancel_cycles(self.gm, self.table, running, budget)
+        moves += defrag.return_home(self.gm, self.table, running,
+                                    budget - len(moves), self.config.home_reserve_blocks)
+        return CopyPlan("move", tuple(moves))
+
+    # -------------------------------------------------------------------- step
+    def prepare_step(self, demands: Iterable[tuple[RequestId, int]]) -> StepKVPlan:
+        """Plan one engine step.
+
+        ``demands``: (request id, new tokens this step) for every request the
+        scheduler wants to run (running or swapped). Planning order, which is
+        also the execution order of the returned copies: migration moves;
+        growth of running requests, oldest first, preempting newest ones when
+        memory runs out (swap outs); swap-in of swapped requests, oldest
+        first, only when they and their new tokens fit without preempting.
+        """
+        want = {}
+        for rid, n in demands:
+            if rid in want:
+                raise ValueError(f"duplicate demand for {rid!r}")
+            want[rid] = int(n)
+        ordered = sorted((self._reqs[rid] for rid in want), key=lambda r: r.seq)
+        swapped_at_start = [r for r in ordered if r.state == SWAPPED]
+        moves = self.plan_migration()
+
+        scheduled, slot_parts = [], []
+        preempted: list[Preemption] = []
+        gone: set = set()  # membership only, never iterated
+        too_long = []
+        swap_out = CopyPlan("swap_out")
+        for r in ordered:
+            if r.state != RUNNING or r.rid in gone:
+                continue
+            res = self.grow(r.rid, want[r.rid])
+            for p in res.preemptions:
+                preempted.append(p)
+                gone.add(p.request_id)
+                swap_out = swap_out.concat(p.swap_out)
+            if res.status == "ok":
+                scheduled.append((r.rid, res.start, res.num_new))
+                slot_parts.append(res.slots)
+            elif res.status == "too_long":
+                too_long.append(r.rid)
+
+        swap_in = CopyPlan("swap_in")
+        swapped_in, deferred = [], []
+        for r in swapped_at_start:
+            n = want[r.rid]
+            if self.blocks_needed(r.num_tokens + n) > self.config.max_request_blocks(r.home):
+                too_long.append(r.rid)
+                continue
+            if not self.can_swap_in(r.rid, n):
+                deferred.append(r.rid)
+                continue
+            swap_in = swap_in.concat(self.swap_in(r.rid))
+            res = self.grow(r.rid, n)
+            assert res.status == "ok" and not res.preemptions
+            swapped_in.append(r.rid)
+            scheduled.append((r.rid, res.start, res.num_new))
+            slot_parts.append(res.slots)
+
+        slot_mapping = np.concatenate(slot_parts) if slot_parts else _EMPTY_SLOTS
+        return StepKVPlan(
+            moves=moves,
+            swap_out=swap_out,
+            swap_in=swap_in,
+            scheduled=tuple(scheduled),
+            slot_mapping=slot_mapping,
+            preempted=tuple(preempted),
+            swapped_in=tuple(swapped_in),
+            too_long=tuple(too_long),
+            deferred=tuple(deferred),
+        )
