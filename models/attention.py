@@ -2,17 +2,19 @@
 
 Every decoder layer calls exactly one function with this signature:
 
-    attention_fn(q, k, v, layer_cache, meta) -> (out, new_layer_cache)
+    attention_fn(q, k, v, cache, meta) -> (out, new_cache)
 
-    q:            [B, S, num_heads, head_dim]     (rotary already applied)
-    k, v:         [B, S, num_kv_heads, head_dim]  (the new tokens' keys/values)
-    layer_cache:  this layer's slice of the cache pytree (the model scans the
-                  leading layer axis of the whole cache)
-    meta:         per-step metadata shared by all layers (positions, block
-                  tables, ...), opaque to the model
-    out:          [B, S, num_heads, head_dim]
+    q:      [B, S, num_heads, head_dim]     (rotary already applied)
+    k, v:   [B, S, num_kv_heads, head_dim]  (the new tokens' keys/values)
+    cache:  a LayerCache handle: the whole cache pytree (every leaf has a
+            leading num_layers axis) plus this layer's index. The cache is
+            the carry of the layer scan, so writes update it in place instead
+            of copying a per-layer slice in and out every step.
+    meta:   per-step metadata shared by all layers (positions, block tables,
+            ...), opaque to the model
+    out:    [B, S, num_heads, head_dim]
 
-The model never looks inside `layer_cache` or `meta`, so a different cache
+The model never looks inside `cache` or `meta`, so a different cache
 (the paged, mesh-distributed pool of DistAttention) plugs in here without
 touching model code. This module holds the reference backend: a dense,
 contiguous per-sequence cache with causal attention.
@@ -26,8 +28,15 @@ import jax
 import jax.numpy as jnp
 
 
+class LayerCache(NamedTuple):
+    """The cache handle one layer sees: the full stacked cache and its layer index."""
+
+    cache: Any
+    layer: jax.Array
+
+
 class AttentionFn(Protocol):
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Any, meta: Any
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, meta: Any
                  ) -> tuple[jax.Array, Any]: ...
 
 
@@ -58,12 +67,13 @@ def make_dense_attention(scale: float, sliding_window: int | None = None) -> Att
     position may hold stale or padding data; the mask hides them.
     """
 
-    def dense_attention(q, k, v, layer_cache, meta: DenseMeta):
-        k_cache, v_cache = layer_cache
+    def dense_attention(q, k, v, handle: LayerCache, meta: DenseMeta):
+        full, layer = handle
         positions = meta.positions
         b_idx = jnp.arange(q.shape[0])[:, None]
-        k_cache = k_cache.at[b_idx, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[b_idx, positions].set(v.astype(v_cache.dtype), mode="drop")
+        k_full = full.k.at[layer, b_idx, positions].set(k.astype(full.k.dtype), mode="drop")
+        v_full = full.v.at[layer, b_idx, positions].set(v.astype(full.v.dtype), mode="drop")
+        k_cache, v_cache = k_full[layer], v_full[layer]
 
         batch, seq, num_heads, head_dim = q.shape
         num_kv = k_cache.shape[2]
@@ -77,6 +87,6 @@ def make_dense_attention(scale: float, sliding_window: int | None = None) -> Att
         scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, v_cache.astype(q.dtype))
-        return out.reshape(batch, seq, num_heads, head_dim), DenseKVCache(k_cache, v_cache)
+        return out.reshape(batch, seq, num_heads, head_dim), DenseKVCache(k_full, v_full)
 
     return dense_attention

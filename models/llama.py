@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import AttentionFn
+from .attention import AttentionFn, LayerCache
 from .config import ModelConfig
 
 
@@ -57,7 +57,8 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, layer_cache, cos, sin, meta):
+    def __call__(self, carry, layer, cos, sin, meta):
+        h, cache = carry
         cfg = self.config
         batch, seq, _ = h.shape
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(h)
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
         k = apply_rotary(k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
 
-        attn, layer_cache = self.attention_fn(q, k, v, layer_cache, meta)
+        attn, cache = self.attention_fn(q, k, v, LayerCache(cache, layer), meta)
         attn = attn.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
         h = h + _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(attn)
 
@@ -76,14 +77,14 @@ class DecoderLayer(nn.Module):
         gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(x)
         up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(x)
         h = h + _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
-        return h, layer_cache
+        return (h, cache), None
 
 
 class LlamaForCausalLM(nn.Module):
     """tokens, positions: [B, S] int32 -> (logits, new cache).
 
-    `cache` is any pytree whose leaves have a leading num_layers axis; layer i
-    receives slice i. `logits_index` ([B, K], optional) selects which
+    `cache` is any pytree whose leaves have a leading num_layers axis; it is
+    carried through the layer scan and each layer gets it with its index. `logits_index` ([B, K], optional) selects which
     positions of each row get logits, so decode steps skip the vocab
     projection of positions nobody samples from.
     """
@@ -108,7 +109,8 @@ class LlamaForCausalLM(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, self.attention_fn, self.dtype, name="layers")
-        h, cache = layers(h, cache, cos, sin, meta)
+        (h, cache), _ = layers((h, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32),
+                               cos, sin, meta)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(h)
         if logits_index is not None:
