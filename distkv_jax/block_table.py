@@ -85,8 +85,12 @@ class BlockTable:
     # -- step views ----------------------------------------------------------
     def slots(self, rid: RequestId, start: int, n: int) -> np.ndarray:
         """Global slots of token positions ``start .. start+n-1``."""
-        pos = np.arange(start, start + n, dtype=np.int64)
         ids = self._rows[rid].view()
+        if n <= 4:  # decode: plain Python is faster than numpy for a few tokens
+            bs = self.block_size
+            return np.asarray([int(ids[p // bs]) * bs + p % bs for p in range(start, start + n)],
+                              dtype=np.int64)
+        pos = np.arange(start, start + n, dtype=np.int64)
         return ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def instance_views(self, rids: Sequence[RequestId]) -> list[InstanceBlockView]:
@@ -101,7 +105,9 @@ class BlockTable:
         starts = np.cumsum(lens) - lens
         logical = np.arange(block.shape[0], dtype=np.int64) - np.repeat(starts, lens)
         owner = block // self.blocks_per_instance
-        order = np.argsort(owner, kind="stable")  # keeps (row, logical) order
+        # stable sort keeps (row, logical) order; int16 keys use a radix sort
+        key = owner.astype(np.int16) if self.num_instances < (1 << 15) else owner
+        order = np.argsort(key, kind="stable")
         bounds = np.searchsorted(owner[order], np.arange(self.num_instances + 1))
         out = []
         for i in range(self.num_instances):

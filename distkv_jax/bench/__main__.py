@@ -1,0 +1,34 @@
+"""Dispatch ``python -m distkv_jax.bench <subcommand> [--flags]``.
+
+To add a subcommand, add ``name: "module.path"`` to SUBCOMMANDS; the module
+defines its absl flags at import time and ``main(argv)``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, str] = {
+    "control_plane": "distkv_jax.bench.control_plane",
+}
+
+
+def _usage() -> str:
+    names = ", ".join(sorted(SUBCOMMANDS))
+    return f"usage: python -m distkv_jax.bench <subcommand> [--flags]; subcommands: {names}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
+        print(_usage(), file=sys.stderr)
+        sys.exit(2)
+    name = argv[1]
+    module = importlib.import_module(SUBCOMMANDS[name])
+    from absl import app
+
+    app.run(module.main, argv=[f"{argv[0]} {name}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    main()
