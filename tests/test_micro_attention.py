@@ -1,0 +1,141 @@
+"""MicroAttention kernels on one device: reference and Pallas (interpret mode)
+against float64 dense attention, and the exact merge of partials."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distkv_jax.kernels.micro_attention import merge_axis, merge_segments, micro_attention
+
+from attention_reference import dense_attention_f64
+
+
+def _paged_problem(rng, seq_lens, new_tokens, block_size, num_kv, groups, head_dim, q_tile,
+                   num_pages=None, item_pad=3):
+    """Sequences with KV in randomly chosen pages; the last `new_tokens` of each
+    are queries, cut into tiles of q_tile rows. Returns kernel inputs plus the
+    dense per-row reference."""
+    blocks_needed = [-(-n // block_size) for n in seq_lens]
+    num_pages = num_pages or sum(blocks_needed) + 4
+    page_ids = rng.permutation(num_pages)
+    k_pages = rng.standard_normal((num_pages, block_size, num_kv, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal((num_pages, block_size, num_kv, head_dim)).astype(np.float32)
+    tiles_q, tiles_pos, items, refs = [], [], [], []
+    used = 0
+    for n, nb, new in zip(seq_lens, blocks_needed, new_tokens):
+        table = page_ids[used:used + nb]
+        used += nb
+        pos = np.arange(n)
+        keys = k_pages[table[pos // block_size], pos % block_size]
+        values = v_pages[table[pos // block_size], pos % block_size]
+        qpos = np.arange(n - new, n)
+        q = rng.standard_normal((new, num_kv * groups, head_dim)).astype(np.float32)
+        refs.append((q, dense_attention_f64(q, keys, values, qpos, 1 / np.sqrt(head_dim))))
+        for t0 in range(0, new, q_tile):
+            rows = slice(t0, min(t0 + q_tile, new))
+            tq = np.zeros((q_tile, num_kv, groups, head_dim), np.float32)
+            tp = np.full(q_tile, -1, np.int32)
+            cnt = rows.stop - rows.start
+            tq[:cnt] = q[rows].reshape(cnt, num_kv, groups, head_dim)
+            tp[:cnt] = qpos[rows]
+            tile = len(tiles_q)
+            tiles_q.append(tq)
+            tiles_pos.append(tp)
+            for lb in range(int(tp.max()) // block_size + 1):
+                items.append((tile, table[lb], lb * block_size))
+    n_tiles = len(tiles_q)
+    rng.shuffle(items)  # the merge must not depend on item order
+    items += [(n_tiles, 0, 0)] * item_pad  # padding items
+    item_tile, item_block, item_kstart = (np.array(c, np.int32) for c in zip(*items))
+    return dict(q=np.stack(tiles_q), q_pos=np.stack(tiles_pos), k_pages=k_pages, v_pages=v_pages,
+                item_tile=item_tile, item_block=item_block, item_kstart=item_kstart), refs
+
+
+def _unpack(o, problem, refs, q_tile, num_kv, groups, head_dim):
+    """Tile outputs back to per-sequence rows, compared with the f64 reference."""
+    tile = 0
+    err = 0.0
+    for q, ref in refs:
+        new = q.shape[0]
+        rows = []
+        for t0 in range(0, new, q_tile):
+            cnt = min(q_tile, new - t0)
+            rows.append(np.asarray(o[tile, :cnt]).reshape(cnt, num_kv * groups, head_dim))
+            tile += 1
+        err = max(err, np.abs(np.concatenate(rows) - ref).max())
+    return err
+
+
+CASES = [
+    # seq_lens, new_tokens, block_size, num_kv, groups, head_dim, q_tile
+    ([37, 5, 64], [1, 1, 1], 8, 2, 2, 16, 1),      # decode, GQA
+    ([37, 16, 50], [9, 16, 3], 16, 2, 1, 8, 4),    # chunked prefill, MHA
+    ([1, 33], [1, 33], 8, 1, 4, 16, 8),            # whole prompt, MQA
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_micro_attention_matches_dense_f64(case, impl):
+    seq_lens, new, bs, num_kv, groups, head_dim, q_tile = case
+    rng = np.random.default_rng(sum(seq_lens))
+    problem, refs = _paged_problem(rng, seq_lens, new, bs, num_kv, groups, head_dim, q_tile)
+    o, lse = micro_attention(**{k: jnp.asarray(v) for k, v in problem.items()},
+                             scale=1 / np.sqrt(head_dim), impl=impl, interpret=True)
+    assert _unpack(o, problem, refs, q_tile, num_kv, groups, head_dim) <= 1e-5
+    # padding rows attend nothing: lse = -inf and o = 0, never NaN
+    pad = problem["q_pos"] < 0
+    assert np.all(np.isneginf(np.asarray(lse)[pad])) and not np.isnan(np.asarray(o)).any()
+    assert np.all(np.asarray(o)[pad] == 0)
+
+
+def test_pallas_equals_reference():
+    rng = np.random.default_rng(7)
+    problem, _ = _paged_problem(rng, [45, 20], [5, 20], 8, 2, 2, 16, 4)
+    args = {k: jnp.asarray(v) for k, v in problem.items()}
+    ref = micro_attention(**args, scale=0.25, impl="reference")
+    pal = micro_attention(**args, scale=0.25, impl="pallas", interpret=True)
+    for a, b in zip(ref, pal):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=0)
+
+
+def test_kv_head_offset_selects_heads():
+    """Pages stored with more KV heads than the queries use (KV replicated over tp)."""
+    rng = np.random.default_rng(3)
+    problem, _ = _paged_problem(rng, [30], [1], 8, 4, 2, 8, 1)
+    args = {k: jnp.asarray(v) for k, v in problem.items()}
+    full = micro_attention(**args, scale=0.3)[0]
+    for impl in ("reference", "pallas"):
+        part = micro_attention(**dict(args, q=args["q"][:, :, 2:3]), scale=0.3, kv_head_offset=2,
+                               impl=impl, interpret=True)[0]
+        np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, :, 2:3]), atol=1e-6)
+
+
+def test_merge_is_exact_and_guards_empty():
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((3, 40)) * 3           # 3 rows, 40 keys
+    v = rng.standard_normal((40, 5))
+    full = np.exp(s - s.max(1, keepdims=True)) @ v / np.exp(s - s.max(1, keepdims=True)).sum(1)[:, None]
+    cuts = [0, 7, 7, 25, 40]                       # includes an empty chunk
+    os_, lses = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if a == b:
+            os_.append(np.zeros((3, 5)))
+            lses.append(np.full(3, -np.inf))
+            continue
+        m = s[:, a:b].max(1)
+        p = np.exp(s[:, a:b] - m[:, None])
+        os_.append(p @ v[a:b] / p.sum(1)[:, None])
+        lses.append(m + np.log(p.sum(1)))
+    o, lse = merge_axis(jnp.asarray(np.stack(os_), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32))
+    np.testing.assert_allclose(np.asarray(o), full, atol=1e-5)
+    ref_lse = np.log(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1)
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=1e-5)
+    # all-empty rows stay empty, with no NaN
+    o, lse = merge_axis(jnp.zeros((2, 3, 5)), jnp.full((2, 3), -jnp.inf))
+    assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
+    # segment form: a segment nobody names is empty; an out-of-range id is dropped
+    o, lse = merge_segments(jnp.asarray(np.stack(os_), jnp.float32), jnp.asarray(np.stack(lses), jnp.float32),
+                            jnp.array([0, 0, 0, 5]), 2)
+    assert np.all(np.isneginf(np.asarray(lse)[1])) and not np.isnan(np.asarray(o)).any()
