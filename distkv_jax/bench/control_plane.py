@@ -46,15 +46,24 @@ def build(requests: int, total_tokens: int, instances: int, block_size: int,
     cfg = KVCacheConfig(instances, per_inst, block_size=block_size,
                         kv_policy=kv_policy, lend_fraction=0.9)
     mgr = KVCacheManager(cfg)
-    # longest requests first so they land on empty instances and borrow
-    order = np.argsort(-lengths, kind="stable")
-    for k, i in enumerate(order.tolist()):
-        mgr.admit(i, instance=k % instances)
-    for i in order.tolist():
-        res = mgr.grow(i, int(lengths[i]))
-        if res.status != "ok":
-            raise RuntimeError(f"setup failed for request {i}: {res.status}")
+    # Longest first. "distributed": homes round-robin, so the instances that
+    # get the longest requests borrow. "local": each request goes to the
+    # instance with the most free blocks (it cannot borrow).
+    order = np.argsort(-lengths, kind="stable").tolist()
+    for k, i in enumerate(order):
+        mgr.admit(i, instance=k % instances if kv_policy == "distributed" else None)
+        if kv_policy == "local":
+            _grow(mgr, i, int(lengths[i]))
+    if kv_policy == "distributed":
+        for i in order:
+            _grow(mgr, i, int(lengths[i]))
     return mgr, lengths
+
+
+def _grow(mgr: KVCacheManager, rid, n: int) -> None:
+    res = mgr.grow(rid, n)
+    if res.status != "ok" or res.preemptions:
+        raise RuntimeError(f"setup failed for request {rid}: {res.status}")
 
 
 def run(mgr: KVCacheManager, steps: int, warmup: int) -> dict:
