@@ -1,0 +1,155 @@
+"""DistAttention: attention computed where the KV lives.
+
+One `jax.shard_map` over ("inst", "tp"). Every instance brings the q, k, v of
+its own batch rows ([I, T, ...], sharded over inst; heads over tp). Per layer:
+
+ (a) KV write. The new tokens' k, v are all-gathered over `inst` (T rows per
+     instance: small) and each device scatters the rows whose slot lies in a
+     block it holds, so a token can land in a block borrowed from another
+     instance.
+ (b) Query exchange. q is all-gathered over `inst`: queries are small, KV
+     never moves.
+ (c) MicroAttention. Each device runs its own work list (query tile x local
+     block items, from the control plane's plan) and gets a partial (o, lse)
+     per query row (lse = -inf where it holds none of that row's KV).
+ (d) ScaleReduce. One all_to_all over `inst` sends each row's partials to the
+     row's owner, which merges them exactly (logsumexp weights, -inf guarded).
+     Why all_to_all: each device sends (I-1)/I of its [I*T, H, D+1]
+     partials once. An all_gather of (o, lse) would send I times that, and
+     pmax + psum_scatter needs two collectives for the same bytes.
+
+Bytes between instances per layer and step (per tp shard, 4-byte floats):
+  (a) I * (I-1) * T * Hkv * D * 2 * itemsize   (b) I * (I-1) * T * Hq * D * itemsize
+  (d) (I-1) * I * T * Hq * (D + 1) * 4
+independent of the context length; moving the KV instead costs the remote
+blocks' bytes, which grow with the context (see `bench attention`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from .attention_plan import AttentionPlan
+from .kernels.micro_attention import merge_axis, micro_attention
+from .kv_pool import PagedKVCache, PoolLayout
+from .mesh import INST, TP
+from .models.attention import AttentionFn, LayerCache
+
+
+class DistMeta(NamedTuple):
+    """The device form of an AttentionPlan (same fields, jax arrays)."""
+
+    slots: jax.Array
+    positions: jax.Array
+    tile_rows: jax.Array
+    item_tile: jax.Array
+    item_block: jax.Array
+    item_kstart: jax.Array
+
+    @classmethod
+    def from_plan(cls, plan: AttentionPlan) -> "DistMeta":
+        return cls(*(jnp.asarray(getattr(plan, f.name)) for f in dataclasses.fields(plan)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistAttentionConfig:
+    layout: PoolLayout
+    num_heads: int
+    scale: float
+    impl: str = "reference"       # MicroAttention implementation: reference | pallas
+    interpret: bool = False       # Pallas interpret mode (CPU)
+
+
+def _local_body(cfg: DistAttentionConfig):
+    lay = cfg.layout
+    heads_local = cfg.num_heads // lay.tp
+    groups = cfg.num_heads // lay.num_kv_heads
+
+    def body(q, k, v, k_pool, v_pool, layer, slots, positions, tile_rows,
+             item_tile, item_block, item_kstart):
+        inst = jax.lax.axis_index(INST)
+        num_layers, nb, bs, stored_heads, head_dim = k_pool.shape
+        pages = num_layers * nb
+        k_pages = k_pool.reshape(pages, bs, stored_heads, head_dim)
+        v_pages = v_pool.reshape(pages, bs, stored_heads, head_dim)
+
+        # (a) write every instance's new tokens into the blocks this device holds
+        k_new = jax.lax.all_gather(k[0], INST, tiled=True)        # [I*T, stored_heads, D]
+        v_new = jax.lax.all_gather(v[0], INST, tiled=True)
+        local = slots - inst * (nb * bs)
+        mine = (slots >= 0) & (local >= 0) & (local < nb * bs)
+        page = jnp.where(mine, layer * nb + local // bs, pages)    # out of range: dropped
+        k_pages = k_pages.at[page, local % bs].set(k_new.astype(k_pages.dtype), mode="drop")
+        v_pages = v_pages.at[page, local % bs].set(v_new.astype(v_pages.dtype), mode="drop")
+
+        # (b) every instance's queries
+        q_all = jax.lax.all_gather(q[0], INST, tiled=True)        # [I*T, heads_local, D]
+        rows = q_all.shape[0]
+
+        # (c) MicroAttention over the local work list
+        if lay.kv_sharded:
+            kv_local, g_local, kv_offset = stored_heads, groups, 0
+        else:  # KV replicated over tp: this shard's query heads share one KV head
+            kv_local, g_local = 1, heads_local
+            kv_offset = (jax.lax.axis_index(TP) * heads_local) // groups
+        safe_rows = jnp.maximum(tile_rows, 0)
+        n_tiles, q_tile = tile_rows.shape
+        q_tiles = q_all[safe_rows].reshape(n_tiles, q_tile, kv_local, g_local, head_dim)
+        q_pos = jnp.where(tile_rows >= 0, positions[safe_rows], -1)
+        o_t, lse_t = micro_attention(
+            q_tiles, q_pos, k_pages, v_pages, item_tile[0], item_block[0] + layer * nb,
+            item_kstart[0], scale=cfg.scale, kv_head_offset=kv_offset, impl=cfg.impl,
+            interpret=cfg.interpret)
+        dest = jnp.where(tile_rows >= 0, tile_rows, rows).reshape(-1)
+        o_rows = jnp.zeros((rows, heads_local, head_dim), jnp.float32).at[dest].set(
+            o_t.reshape(-1, heads_local, head_dim), mode="drop")
+        lse_rows = jnp.full((rows, heads_local), -jnp.inf, jnp.float32).at[dest].set(
+            lse_t.reshape(-1, heads_local), mode="drop")
+
+        # (d) ScaleReduce: partials to the rows' owners, one all_to_all, exact merge
+        num_inst = rows // q.shape[1]
+        packed = jnp.concatenate([o_rows, lse_rows[..., None]], axis=-1)
+        packed = packed.reshape(num_inst, q.shape[1], heads_local, head_dim + 1)
+        recv = jax.lax.all_to_all(packed, INST, split_axis=0, concat_axis=0, tiled=True)
+        out, _ = merge_axis(recv[..., :head_dim], recv[..., head_dim], axis=0)
+        return (out[None].astype(q.dtype),
+                k_pages.reshape(k_pool.shape), v_pages.reshape(v_pool.shape))
+
+    return body
+
+
+def dist_attention(q, k, v, k_pool, v_pool, layer, meta: DistMeta, *, mesh: Mesh,
+                   cfg: DistAttentionConfig):
+    """q [I, T, Hq, D], k/v [I, T, Hkv, D] -> (out [I, T, Hq, D], k_pool, v_pool)."""
+    kv_spec = TP if cfg.layout.kv_sharded else None
+    rows_spec = P(INST, None, TP, None)
+    kv_rows_spec = P(INST, None, kv_spec, None)
+    pool_spec = cfg.layout.spec
+    rep = P()
+    work = P(INST, None)
+    fn = jax.shard_map(
+        _local_body(cfg), mesh=mesh,
+        in_specs=(rows_spec, kv_rows_spec, kv_rows_spec, pool_spec, pool_spec, rep,
+                  rep, rep, rep, work, work, work),
+        out_specs=(rows_spec, pool_spec, pool_spec),
+        check_vma=False,
+    )
+    return fn(q, k, v, k_pool, v_pool, jnp.asarray(layer, jnp.int32), meta.slots, meta.positions,
+              meta.tile_rows, meta.item_tile, meta.item_block, meta.item_kstart)
+
+
+def make_dist_attention(mesh: Mesh, cfg: DistAttentionConfig) -> AttentionFn:
+    """The model's attention boundary backed by the paged, distributed pool."""
+
+    def attention_fn(q, k, v, handle: LayerCache, meta: DistMeta):
+        pools, layer = handle
+        out, k_pool, v_pool = dist_attention(q, k, v, pools.k, pools.v, layer, meta,
+                                             mesh=mesh, cfg=cfg)
+        return out, PagedKVCache(k_pool, v_pool)
+
+    return attention_fn
