@@ -8,16 +8,22 @@ jitted step reads:
     positions   [I*T]        position of each row's token (-1: padding row)
     tile_rows   [n_tiles, q_tile]  rows of each query tile (-1: padding); a tile
                              holds consecutive rows of one sequence
-    item_tile   [I, W]       per instance, the work list: tile index (n_tiles: padding)
-    item_block  [I, W]       local block index within the instance
-    item_kstart [I, W]       position of the block's first slot
+    item_tile   [I, R, run]  per instance, the work list in R runs of `run` items:
+                             tile index (n_tiles: padding)
+    item_block  [I, R, run]  local block index within the instance
+    item_kstart [I, R, run]  position of the block's first slot (MASKED: padding)
 
 Row r belongs to instance r // T (its owner, where the output returns). A
 global block id b lives on instance b // blocks_per_instance; its slots are
 b * block_size .. b * block_size + block_size - 1. Each (tile, block) pair
 that the tile's queries can see becomes one item on the block's instance, so
-work per device is proportional to the blocks it holds. W and n_tiles are
-padded to power-of-two buckets so XLA compiles few programs.
+work per device is proportional to the blocks it holds. A run is `run`
+consecutive items of one tile (MicroAttention attends a run's blocks in one
+matrix product); each tile's items on an instance are padded to a multiple of
+`run` with masked items. `run` is chosen per step from the work (long
+contexts: long runs; short: short runs). R and n_tiles are padded to
+power-of-two buckets, and run is a power of two <= MAX_RUN, so XLA compiles
+few programs.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
+
+
+MAX_RUN = 64
+MASKED = 1 << 30  # a key start past any position: the item attends nothing
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -66,12 +76,38 @@ class AttentionPlan:
         """The shapes that decide which compiled program runs."""
         return (self.slots.shape, self.tile_rows.shape, self.item_tile.shape)
 
+    @property
+    def run(self) -> int:
+        return self.item_tile.shape[-1]
+
     def items_per_instance(self) -> np.ndarray:
-        return (self.item_tile < self.tile_rows.shape[0]).sum(axis=1)
+        """Real (unmasked) items per instance."""
+        real = (self.item_tile < self.tile_rows.shape[0]) & (self.item_kstart != MASKED)
+        return real.reshape(real.shape[0], -1).sum(axis=1)
+
+
+RUN_CHOICES = tuple(1 << k for k in range(MAX_RUN.bit_length()))  # 1, 2, 4, ..., 64
+
+
+def choose_run(run_lengths: np.ndarray, choices: Sequence[int] = RUN_CHOICES) -> int:
+    """The run length minimizing padded items + one item's worth of overhead
+    per run (a run is one small matrix product; many tiny ones are slow)."""
+    if len(run_lengths) == 0:
+        return min(choices)
+    best, best_cost = None, None
+    for r in sorted(choices):
+        runs = -(-run_lengths // r)
+        cost = int((runs * r).sum() + runs.sum())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = r, cost
+    return best
 
 
 def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_per_instance: int,
-                         q_tile: int = 1, min_items: int = 8, min_tiles: int = 8) -> AttentionPlan:
+                         q_tile: int = 1, run: int | None = None, min_runs: int = 8,
+                         min_tiles: int = 8, run_choices: Sequence[int] = RUN_CHOICES) -> AttentionPlan:
+    """The step's plan. run=None chooses the run length from the work, among
+    `run_choices` (fewer choices: fewer compiled programs)."""
     I, NB, bs = geom.num_instances, geom.blocks_per_instance, geom.block_size
     T = tokens_per_instance
     slots = np.full(I * T, -1, np.int32)
@@ -125,16 +161,36 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
     else:
         it = gb = ks = np.zeros(0, np.int64)
     inst = gb // NB
-    counts = np.bincount(inst, minlength=I)
-    W = bucket(int(counts.max()) if len(counts) else 0, min_items)
+    # Group by instance, keeping build order: each tile's items stay contiguous.
+    order = np.argsort(inst, kind="stable")
+    it, gb, ks, inst = it[order], gb[order], ks[order], inst[order]
+    # Segments of equal (instance, tile): their lengths decide the run length.
+    new_seg = np.ones(len(it), bool)
+    new_seg[1:] = (it[1:] != it[:-1]) | (inst[1:] != inst[:-1])
+    seg_id = np.cumsum(new_seg) - 1
+    seg_start = np.flatnonzero(new_seg)
+    seg_len = np.diff(np.append(seg_start, len(it)))
+    run = run or choose_run(seg_len, run_choices)
+    # Each item's slot in its instance's padded work list.
+    seg_padded = -(-seg_len // run) * run
+    seg_inst = inst[seg_start]
+    seg_offset = np.zeros(len(seg_len), np.int64)  # start of each segment within its instance
+    for i in range(I):
+        sel = np.flatnonzero(seg_inst == i)
+        seg_offset[sel] = np.concatenate([[0], np.cumsum(seg_padded[sel])[:-1]]) if len(sel) else []
+    per_inst = np.bincount(seg_inst, weights=seg_padded, minlength=I).astype(np.int64)
+    R = bucket(int(per_inst.max()) // run if len(per_inst) else 0, min_runs)
+    W = R * run
     item_tile = np.full((I, W), n_tiles, np.int32)
     item_block = np.zeros((I, W), np.int32)
-    item_kstart = np.zeros((I, W), np.int32)
-    order = np.argsort(inst, kind="stable")  # deterministic: grouped by instance, in build order
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    for i in range(I):
-        sel = order[starts[i]:starts[i + 1]]
-        item_tile[i, :len(sel)] = it[sel]
-        item_block[i, :len(sel)] = gb[sel] % NB
-        item_kstart[i, :len(sel)] = ks[sel]
-    return AttentionPlan(slots, positions, tile_rows, item_tile, item_block, item_kstart)
+    item_kstart = np.full((I, W), MASKED, np.int32)
+    # padding inside a run keeps the run's tile, with a masked key start
+    rep = np.repeat(np.arange(len(seg_len)), seg_padded)
+    within = np.arange(len(rep)) - np.repeat(np.cumsum(seg_padded) - seg_padded, seg_padded)
+    item_tile[seg_inst[rep], seg_offset[rep] + within] = it[seg_start[rep]]
+    slot = seg_offset[seg_id] + (np.arange(len(it)) - seg_start[seg_id])
+    item_block[inst, slot] = gb % NB
+    item_kstart[inst, slot] = ks
+    shape = (I, R, run)
+    return AttentionPlan(slots, positions, tile_rows, item_tile.reshape(shape),
+                         item_block.reshape(shape), item_kstart.reshape(shape))

@@ -101,10 +101,11 @@ def _local_body(cfg: DistAttentionConfig):
         n_tiles, q_tile = tile_rows.shape
         q_tiles = q_all[safe_rows].reshape(n_tiles, q_tile, kv_local, g_local, head_dim)
         q_pos = jnp.where(tile_rows >= 0, positions[safe_rows], -1)
+        run = item_tile.shape[-1]
         o_t, lse_t = micro_attention(
-            q_tiles, q_pos, k_pages, v_pages, item_tile[0], item_block[0] + layer * nb,
-            item_kstart[0], scale=cfg.scale, kv_head_offset=kv_offset, impl=cfg.impl,
-            interpret=cfg.interpret)
+            q_tiles, q_pos, k_pages, v_pages, item_tile[0].reshape(-1),
+            item_block[0].reshape(-1) + layer * nb, item_kstart[0].reshape(-1), scale=cfg.scale,
+            run=run, kv_head_offset=kv_offset, impl=cfg.impl, interpret=cfg.interpret)
         dest = jnp.where(tile_rows >= 0, tile_rows, rows).reshape(-1)
         o_rows = jnp.zeros((rows, heads_local, head_dim), jnp.float32).at[dest].set(
             o_t.reshape(-1, heads_local, head_dim), mode="drop")
@@ -131,7 +132,7 @@ def dist_attention(q, k, v, k_pool, v_pool, layer, meta: DistMeta, *, mesh: Mesh
     kv_rows_spec = P(INST, None, kv_spec, None)
     pool_spec = cfg.layout.spec
     rep = P()
-    work = P(INST, None)
+    work = P(INST, None, None)
     fn = jax.shard_map(
         _local_body(cfg), mesh=mesh,
         in_specs=(rows_spec, kv_rows_spec, kv_rows_spec, pool_spec, pool_spec, rep,
@@ -153,3 +154,18 @@ def make_dist_attention(mesh: Mesh, cfg: DistAttentionConfig) -> AttentionFn:
         return out, PagedKVCache(k_pool, v_pool)
 
     return attention_fn
+
+
+def step_traffic_bytes(cfg: DistAttentionConfig, rows_per_instance: int, itemsize: int) -> dict:
+    """Bytes sent between instances by one layer of one step, from the
+    collectives' payload shapes (summed over tp shards; a device's send to
+    itself is not counted)."""
+    lay = cfg.layout
+    pairs = lay.num_instances * (lay.num_instances - 1)
+    kv_heads_sent = lay.num_kv_heads if lay.kv_sharded else lay.num_kv_heads * lay.tp
+    rows = pairs * rows_per_instance
+    return {
+        "kv_write_all_gather": rows * kv_heads_sent * lay.head_dim * 2 * itemsize,
+        "query_all_gather": rows * cfg.num_heads * lay.head_dim * itemsize,
+        "partials_all_to_all": rows * cfg.num_heads * (lay.head_dim + 1) * 4,
+    }

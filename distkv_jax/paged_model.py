@@ -18,6 +18,7 @@ from .kv_pool import PagedKVCache, PoolLayout
 from .mesh import INST, TP
 from .models.config import ModelConfig
 from .models.llama import LlamaForCausalLM
+from .models.loader import resolve_dtype
 
 
 def pool_layout(cfg: ModelConfig, mesh: Mesh, blocks_per_instance: int, block_size: int) -> PoolLayout:
@@ -25,13 +26,13 @@ def pool_layout(cfg: ModelConfig, mesh: Mesh, blocks_per_instance: int, block_si
                       cfg.num_kv_heads, cfg.head_dim, mesh.shape[TP])
 
 
-def make_paged_forward(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: Any = "float32",
-                       impl: str = "reference", interpret: bool = False):
-    """jitted forward(params, tokens, positions, pools, meta, logits_index=None)
-    -> (logits, pools)."""
+def paged_forward_fn(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: Any = "float32",
+                     impl: str = "reference", interpret: bool = False):
+    """forward(params, tokens, positions, pools, meta, logits_index=None)
+    -> (logits, pools), not yet jitted (the engine wraps it with sampling)."""
     attn_cfg = DistAttentionConfig(layout, cfg.num_heads, 1.0 / math.sqrt(cfg.head_dim),
                                    impl=impl, interpret=interpret)
-    model = LlamaForCausalLM(cfg, make_dist_attention(mesh, attn_cfg), dtype)
+    model = LlamaForCausalLM(cfg, make_dist_attention(mesh, attn_cfg), resolve_dtype(dtype))
     rows = NamedSharding(mesh, P(INST, None))
 
     def forward(params, tokens, positions, pools: PagedKVCache, meta: DistMeta, logits_index=None):
@@ -40,4 +41,11 @@ def make_paged_forward(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: 
         positions = jax.lax.with_sharding_constraint(positions, rows)
         return model.apply(params, tokens, positions, pools, meta, logits_index=logits_index)
 
-    return jax.jit(forward, donate_argnums=(3,))
+    return forward
+
+
+def make_paged_forward(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: Any = "float32",
+                       impl: str = "reference", interpret: bool = False):
+    """jitted forward(params, tokens, positions, pools, meta, logits_index=None)
+    -> (logits, pools), pools donated."""
+    return jax.jit(paged_forward_fn(cfg, mesh, layout, dtype, impl, interpret), donate_argnums=(3,))

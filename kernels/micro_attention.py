@@ -1,21 +1,27 @@
 """MicroAttention: partial attention of query tiles over paged KV blocks.
 
-A work list of items says what to compute: item w attends query tile
-`item_tile[w]` to page `item_block[w]`, whose first slot holds key position
-`item_kstart[w]`. A query at position p sees the keys at positions <= p
-(causal; slots past the sequence's end hold positions > p, so the same test
-hides them). Work is proportional to the number of items, i.e. to the blocks
-actually attended, never to a [batch, max_blocks] grid.
+A work list says what to compute: item w attends query tile `item_tile[w]` to
+page `item_block[w]`, whose first slot holds key position `item_kstart[w]`. A
+query at position p sees the keys at positions <= p (causal; slots past the
+sequence's end hold positions > p, so the same test hides them). Work is
+proportional to the number of items, i.e. to the blocks actually attended,
+never to a [batch, max_blocks] grid.
 
-Each item yields a partial (o_w, lse_w), normalized by its own softmax sum;
-the partials of a tile are merged exactly (see DESIGN.md section 2):
+Items come in runs of `run` consecutive items that share one tile (the plan
+pads each tile's items to a multiple of `run` with masked items). A run is
+one unit of work: its `run` blocks are attended together (one matrix product
+per KV head of [q_tile * G, D] x [D, run * block_size]) and yield one partial
+(o, lse), normalized by its own softmax sum. Long contexts use long runs (big
+products, few partials); short ones use short runs (little padding).
 
-    lse = logsumexp_w lse_w,     o = sum_w exp(lse_w - lse) o_w
+The partials of a tile are merged exactly (DESIGN.md section 2):
+
+    lse = logsumexp_j lse_j,     o = sum_j exp(lse_j - lse) o_j
 
 Empty partials carry lse = -inf and weigh nothing; the 0 * inf and
 (-inf) - (-inf) cases are guarded explicitly.
 
-Two implementations of the per-item step share one signature: a pure-jnp
+Two implementations of the per-run step share one signature: a pure-jnp
 reference (default on CPU) and a Pallas kernel (written for the GPU Triton
 lowering; checked on CPU with interpret=True).
 
@@ -23,7 +29,7 @@ Shapes:
     q            [n_tiles, q_tile, Hkv, G, D]   G = query heads per KV head
     q_pos        [n_tiles, q_tile] int32        -1 marks a padding row
     k/v_pages    [P, block_size, Hkv_stored, D] heads kv_head_offset.. are used
-    item_*       [W] int32                      item_tile == n_tiles marks padding
+    item_*       [W] int32, W a multiple of run; item_tile == n_tiles marks padding
     returns o    [n_tiles, q_tile, Hkv, G, D]   float32
             lse  [n_tiles, q_tile, Hkv, G]      float32
 """
@@ -72,99 +78,118 @@ def merge_axis(o, lse, axis: int = 0):
 
 
 # --------------------------------------------------------------------------
-# per-item partials: reference
+# per-run partials: reference
+
+ITEMS_PER_SCAN_STEP = 64  # ~4 MB of KV per step for 8 KV heads x 128 dims x 16 slots: stays in cache
 
 
-def _partials_dense(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, scale,
-                    kv_head_offset):
-    """Per-item partials for a batch of items, all gathered at once."""
-    n_tiles, _, num_kv, _, _ = q.shape
+def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart, scale,
+                   kv_head_offset):
+    """Partials of a batch of runs: run_tile [S], run_blocks/run_kstart [S, run]."""
+    n_tiles, q_tile, num_kv, groups, head_dim = q.shape
     block_size = k_pages.shape[1]
-    valid = item_tile < n_tiles
-    tile = jnp.minimum(item_tile, n_tiles - 1)
-    qw = q[tile].astype(jnp.float32)                                   # [C, Qt, Hkv, G, D]
-    pos = q_pos[tile]                                                  # [C, Qt]
-    kw = jax.lax.dynamic_slice_in_dim(k_pages[item_block], kv_head_offset, num_kv, axis=2)
-    vw = jax.lax.dynamic_slice_in_dim(v_pages[item_block], kv_head_offset, num_kv, axis=2)
-    s = jnp.einsum("wqhgd,wkhd->wqhgk", qw, kw.astype(jnp.float32)) * scale
-    kpos = item_kstart[:, None] + jnp.arange(block_size, dtype=jnp.int32)   # [C, bs]
-    visible = (kpos[:, None, :] <= pos[:, :, None]) & valid[:, None, None]  # [C, Qt, bs]
+    num_runs, run = run_blocks.shape
+    valid = run_tile < n_tiles
+    tile = jnp.minimum(run_tile, n_tiles - 1)
+    qs = q[tile].astype(jnp.float32)                                    # [S, Qt, Hkv, G, D]
+    pos = q_pos[tile]                                                   # [S, Qt]
+    kw = jax.lax.dynamic_slice_in_dim(k_pages[run_blocks], kv_head_offset, num_kv, axis=3)
+    vw = jax.lax.dynamic_slice_in_dim(v_pages[run_blocks], kv_head_offset, num_kv, axis=3)
+    kw = kw.reshape(num_runs, run * block_size, num_kv, head_dim).astype(jnp.float32)
+    vw = vw.reshape(num_runs, run * block_size, num_kv, head_dim).astype(jnp.float32)
+    s = jnp.einsum("sqhgd,snhd->sqhgn", qs, kw) * scale
+    kpos = (run_kstart[:, :, None] + jnp.arange(block_size, dtype=jnp.int32)).reshape(num_runs, -1)
+    visible = (kpos[:, None, :] <= pos[:, :, None]) & valid[:, None, None]  # [S, Qt, run*bs]
     s = jnp.where(visible[:, :, None, None, :], s, NEG_INF)
     m_safe = _safe_max(jnp.max(s, axis=-1))
     p = jnp.exp(s - m_safe[..., None])                                  # masked -> exactly 0
     l = jnp.sum(p, axis=-1)
-    o_sum = jnp.einsum("wqhgk,wkhd->wqhgd", p, vw.astype(jnp.float32))
+    o_sum = jnp.einsum("sqhgn,snhd->sqhgd", p, vw)
     return _finish(o_sum, l, m_safe)
 
 
-def item_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
-                            scale: float, kv_head_offset=0, chunk: int = 64):
-    """Per-item (o_w [W, q_tile, Hkv, G, D], lse_w [W, q_tile, Hkv, G]), pure jnp.
+def run_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
+                           scale: float, run: int = 1, kv_head_offset=0):
+    """Per-run (o [W/run, q_tile, Hkv, G, D], lse [W/run, q_tile, Hkv, G]), pure jnp.
 
-    Items are processed `chunk` at a time under lax.scan: gathering a few MB of
-    blocks per iteration keeps them in cache, where gathering all W blocks at
-    once would stream every block through memory twice more (measured ~3x
-    slower on CPU).
+    Runs are processed a few at a time under lax.scan: gathering a few MB of
+    blocks per step keeps them in cache, where gathering all W blocks at once
+    streams every block through memory twice more (measured ~3x slower on CPU).
     """
-    num_items = item_tile.shape[0]
-    chunk = min(chunk, num_items)
-    if num_items % chunk:  # work lists are power-of-two buckets; pad anything else
-        extra = chunk - num_items % chunk
-        pad = lambda a, v: jnp.concatenate([a, jnp.full((extra,), v, a.dtype)])
-        item_tile, item_block, item_kstart = (pad(item_tile, q.shape[0]), pad(item_block, 0),
-                                              pad(item_kstart, 0))
-    xs = tuple(a.reshape(-1, chunk) for a in (item_tile, item_block, item_kstart))
+    num_runs = item_tile.shape[0] // run
+    per_step = max(1, min(num_runs, ITEMS_PER_SCAN_STEP // run))
+    steps = -(-num_runs // per_step)
+    extra = steps * per_step - num_runs
+    tiles = item_tile.reshape(num_runs, run)[:, 0]
+    blocks = item_block.reshape(num_runs, run)
+    kstart = item_kstart.reshape(num_runs, run)
+    if extra:  # pad to whole scan steps with runs of padding
+        tiles = jnp.concatenate([tiles, jnp.full((extra,), q.shape[0], tiles.dtype)])
+        blocks = jnp.concatenate([blocks, jnp.zeros((extra, run), blocks.dtype)])
+        kstart = jnp.concatenate([kstart, jnp.zeros((extra, run), kstart.dtype)])
+    xs = (tiles.reshape(steps, per_step), blocks.reshape(steps, per_step, run),
+          kstart.reshape(steps, per_step, run))
 
     def body(_, x):
-        return None, _partials_dense(q, q_pos, k_pages, v_pages, *x, scale, kv_head_offset)
+        return None, _runs_partials(q, q_pos, k_pages, v_pages, *x, scale, kv_head_offset)
 
     _, (o, lse) = jax.lax.scan(body, None, xs)
-    o = o.reshape((-1,) + o.shape[2:])[:num_items]
-    lse = lse.reshape((-1,) + lse.shape[2:])[:num_items]
+    o = o.reshape((-1,) + o.shape[2:])[:num_runs]
+    lse = lse.reshape((-1,) + lse.shape[2:])[:num_runs]
     return o, lse
 
 
 # --------------------------------------------------------------------------
-# per-item partials: Pallas
+# per-run partials: Pallas
 
 
 def _pallas_kernel(tile_ref, block_ref, kstart_ref, off_ref, q_ref, qpos_ref, k_ref, v_ref,
-                   o_ref, lse_ref, *, scale, n_tiles, block_size, use_dot):
+                   o_ref, lse_ref, *, scale, n_tiles, run, use_dot):
+    """One program: one run (`run` blocks of one tile) x one KV head, with an
+    online softmax over the run's blocks."""
     from jax.experimental import pallas as pl
 
-    w = pl.program_id(0)
+    r = pl.program_id(0)
     h = pl.program_id(1)
-    raw_tile = tile_ref[w]
+    raw_tile = tile_ref[r * run]
     tile = jnp.minimum(raw_tile, n_tiles - 1)
-    blk = block_ref[w]
     head = off_ref[0] + h
     q = q_ref[tile, h].astype(jnp.float32)                  # [M, D], M = q_tile * G
     pos = qpos_ref[tile]                                     # [M]
-    k = k_ref[blk, :, head, :].astype(jnp.float32)           # [bs, D]
-    v = v_ref[blk, :, head, :].astype(jnp.float32)
-    if use_dot:
-        s = jnp.dot(q, k.T) * scale
-    else:  # tiny M (decode): a broadcast product avoids tensor-core shape limits
-        s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1) * scale
-    kpos = kstart_ref[w] + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
-    visible = (kpos <= pos[:, None]) & (raw_tile < n_tiles)
-    s = jnp.where(visible, s, NEG_INF)
-    m = jnp.max(s, axis=-1)
+    rows, head_dim = q.shape
+    block_size = k_ref.shape[1]
+
+    def step(j, carry):
+        m_prev, l_prev, acc = carry
+        item = r * run + j
+        blk = block_ref[item]
+        k = k_ref[blk, :, head, :].astype(jnp.float32)       # [bs, D]
+        v = v_ref[blk, :, head, :].astype(jnp.float32)
+        if use_dot:
+            s = jnp.dot(q, k.T) * scale
+        else:  # tiny M (decode): a broadcast product avoids tensor-core shape limits
+            s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1) * scale
+        kpos = kstart_ref[item] + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+        s = jnp.where((kpos <= pos[:, None]) & (raw_tile < n_tiles), s, NEG_INF)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+        m_safe = jnp.where(m_new > NEG_INF, m_new, 0.0)
+        alpha = jnp.where(m_prev > NEG_INF, jnp.exp(m_prev - m_safe), 0.0)
+        p = jnp.exp(s - m_safe[:, None])
+        pv = jnp.dot(p, v) if use_dot else jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
+        return m_new, l_prev * alpha + jnp.sum(p, axis=-1), acc * alpha[:, None] + pv
+
+    init = (jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, run, step, init)
     m_safe = jnp.where(m > NEG_INF, m, 0.0)
-    p = jnp.exp(s - m_safe[:, None])
-    l = jnp.sum(p, axis=-1)
-    if use_dot:
-        o = jnp.dot(p, v)
-    else:
-        o = jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
     l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[w, h] = (o / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[w, h] = jnp.where(l > 0, m_safe + jnp.log(l_safe), NEG_INF)
+    o_ref[r, h] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[r, h] = jnp.where(l > 0, m_safe + jnp.log(l_safe), NEG_INF)
 
 
-def item_partials_pallas(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
-                         scale: float, kv_head_offset=0, interpret: bool = False):
-    """Per-item partials with a Pallas kernel: grid (items, KV heads).
+def run_partials_pallas(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
+                        scale: float, run: int = 1, kv_head_offset=0, interpret: bool = False):
+    """Per-run partials with a Pallas kernel: grid (runs, KV heads).
 
     On GPU (Triton lowering) q_tile * G, block_size and head_dim must be
     powers of two; tl.dot is used when q_tile * G >= 16.
@@ -172,23 +197,22 @@ def item_partials_pallas(q, q_pos, k_pages, v_pages, item_tile, item_block, item
     from jax.experimental import pallas as pl
 
     n_tiles, q_tile, num_kv, groups, head_dim = q.shape
-    block_size = k_pages.shape[1]
-    num_items = item_tile.shape[0]
+    num_runs = item_tile.shape[0] // run
     rows = q_tile * groups
     q_t = q.transpose(0, 2, 1, 3, 4).reshape(n_tiles, num_kv, rows, head_dim)
     pos_t = jnp.repeat(q_pos, groups, axis=1)                     # row order (q, g)
     offset = jnp.reshape(jnp.asarray(kv_head_offset, jnp.int32), (1,))
-    kernel = functools.partial(_pallas_kernel, scale=scale, n_tiles=n_tiles,
-                               block_size=block_size, use_dot=rows >= 16)
+    kernel = functools.partial(_pallas_kernel, scale=scale, n_tiles=n_tiles, run=run,
+                               use_dot=rows >= 16)
     o, lse = pl.pallas_call(
         kernel,
-        grid=(num_items, num_kv),
-        out_shape=(jax.ShapeDtypeStruct((num_items, num_kv, rows, head_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((num_items, num_kv, rows), jnp.float32)),
+        grid=(num_runs, num_kv),
+        out_shape=(jax.ShapeDtypeStruct((num_runs, num_kv, rows, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((num_runs, num_kv, rows), jnp.float32)),
         interpret=interpret,
     )(item_tile, item_block, item_kstart, offset, q_t, pos_t, k_pages, v_pages)
-    o = o.reshape(num_items, num_kv, q_tile, groups, head_dim).transpose(0, 2, 1, 3, 4)
-    lse = lse.reshape(num_items, num_kv, q_tile, groups).transpose(0, 2, 1, 3)
+    o = o.reshape(num_runs, num_kv, q_tile, groups, head_dim).transpose(0, 2, 1, 3, 4)
+    lse = lse.reshape(num_runs, num_kv, q_tile, groups).transpose(0, 2, 1, 3)
     return o, lse
 
 
@@ -196,19 +220,23 @@ def item_partials_pallas(q, q_pos, k_pages, v_pages, item_tile, item_block, item
 
 
 def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
-                    scale: float, kv_head_offset=0, impl: str = "reference",
+                    scale: float, run: int = 1, kv_head_offset=0, impl: str = "reference",
                     interpret: bool = False):
     """Partial attention of every query tile over the items that name it.
 
+    run: items per run (static; the work list holds runs of one tile each).
     impl: "reference" (pure jnp) or "pallas" (interpret=True to run on CPU).
     """
+    if item_tile.shape[0] % run:
+        raise ValueError(f"work list length {item_tile.shape[0]} is not a multiple of run={run}")
+    args = (q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart)
     if impl == "reference":
-        o_w, lse_w = item_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block,
-                                             item_kstart, scale=scale, kv_head_offset=kv_head_offset)
+        o_r, lse_r = run_partials_reference(*args, scale=scale, run=run,
+                                            kv_head_offset=kv_head_offset)
     elif impl == "pallas":
-        o_w, lse_w = item_partials_pallas(q, q_pos, k_pages, v_pages, item_tile, item_block,
-                                          item_kstart, scale=scale, kv_head_offset=kv_head_offset,
-                                          interpret=interpret)
+        o_r, lse_r = run_partials_pallas(*args, scale=scale, run=run,
+                                         kv_head_offset=kv_head_offset, interpret=interpret)
     else:
         raise ValueError(f"impl must be 'reference' or 'pallas', got {impl!r}")
-    return merge_segments(o_w, lse_w, item_tile, q.shape[0])
+    run_tile = item_tile.reshape(-1, run)[:, 0]
+    return merge_segments(o_r, lse_r, run_tile, q.shape[0])

@@ -36,7 +36,7 @@ def _setup(mesh_str, num_heads, num_kv, block_size, impl="reference"):
 
 
 def run_case(mesh_str, num_heads, num_kv, block_size, seqs, placements, q_tile, seed,
-             impl="reference", layer=1):
+             impl="reference", layer=1, run=None):
     """seqs: list of (owner instance, context length, new tokens); placements:
     per sequence, the instance of each logical block (cycled if short)."""
     mesh, layout, fn = _setup(mesh_str, num_heads, num_kv, block_size, impl)
@@ -77,7 +77,7 @@ def run_case(mesh_str, num_heads, num_kv, block_size, seqs, placements, q_tile, 
         queries.append(SeqQuery(owner, row, range(ctx, total), table))
         expected.append((owner, row, new, ref, slots[ctx:], keys[ctx:], vals[ctx:]))
 
-    plan = build_attention_plan(queries, PoolGeometry(I, BLOCKS, bs), ROWS, q_tile=q_tile)
+    plan = build_attention_plan(queries, PoolGeometry(I, BLOCKS, bs), ROWS, q_tile=q_tile, run=run)
     pool_sh = NamedSharding(mesh, layout.spec)
     row_sh = NamedSharding(mesh, P("inst"))
     out, k_out, v_out = fn(jax.device_put(q, row_sh), jax.device_put(k_new, row_sh),
@@ -108,12 +108,13 @@ seq_strategy = st.lists(
 @given(seqs=seq_strategy,
        placements=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=8), min_size=4, max_size=4),
        heads=st.sampled_from(HEADS), block_size=st.sampled_from([8, 16]),
-       decode=st.booleans(), seed=st.integers(0, 2**16))
-def test_dist_attention_matches_dense(mesh_str, seqs, placements, heads, block_size, decode, seed):
+       decode=st.booleans(), run=st.sampled_from([None, 1, 2, 8]), seed=st.integers(0, 2**16))
+def test_dist_attention_matches_dense(mesh_str, seqs, placements, heads, block_size, decode, run,
+                                      seed):
     if decode:
         seqs = [(o, c, 1) for o, c, _ in seqs]
     err, _ = run_case(mesh_str, heads[0], heads[1], block_size, seqs, placements,
-                      q_tile=1 if decode else 4, seed=seed)
+                      q_tile=1 if decode else 4, seed=seed, run=run)
     assert err <= 1e-5
 
 
@@ -129,7 +130,7 @@ def test_sequences_with_no_blocks_on_most_devices(mesh_str):
 
 def test_pallas_inside_dist_attention():
     err, _ = run_case("2x4", 4, 2, 8, [(0, 19, 1), (1, 30, 4)], [[1, 0], [0, 1, 0]],
-                      q_tile=4, seed=5, impl="pallas")
+                      q_tile=4, seed=5, impl="pallas", run=2)
     assert err <= 1e-5
 
 
@@ -140,9 +141,17 @@ def test_plan_work_is_proportional_to_blocks():
     long = SeqQuery(0, 0, [999], list(range(0, 63)))             # 63 blocks, all on instance 0
     short = SeqQuery(1, 0, [5], [150])                            # 1 block on instance 1
     spread = SeqQuery(2, 0, [40], [200, 300, 10])                 # instances 2, 3, 0
-    plan = build_attention_plan([long, short, spread], geom, 4)
+    plan = build_attention_plan([long, short, spread], geom, 4, run=1)
     assert plan.items_per_instance().tolist() == [64, 1, 1, 1]
-    assert plan.item_tile.shape == (4, 64)
+    assert plan.item_tile.shape == (4, 64, 1)
+    # Automatic run length: runs of 4 (instance 0: 16 runs of the long
+    # sequence + 1 padded run of the other; R bucketed to 32).
+    plan = build_attention_plan([long, short, spread], geom, 4)
+    assert plan.run == 4 and plan.item_tile.shape == (4, 32, 4)
+    assert plan.items_per_instance().tolist() == [64, 1, 1, 1]
+    # every run holds one tile
+    tiles = plan.item_tile
+    assert (tiles == tiles[:, :, :1]).all()
     with pytest.raises(ValueError, match="needs 63"):
         build_attention_plan([SeqQuery(0, 0, [999], [0])], geom, 4)
     with pytest.raises(ValueError, match="exceed 4 rows"):

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distkv_jax.attention_plan import MASKED
 from distkv_jax.kernels.micro_attention import merge_axis, merge_segments, micro_attention
 
 from attention_reference import dense_attention_f64
 
 
 def _paged_problem(rng, seq_lens, new_tokens, block_size, num_kv, groups, head_dim, q_tile,
-                   num_pages=None, item_pad=3):
+                   num_pages=None, item_pad=3, run=1):
     """Sequences with KV in randomly chosen pages; the last `new_tokens` of each
     are queries, cut into tiles of q_tile rows. Returns kernel inputs plus the
     dense per-row reference."""
@@ -42,11 +43,14 @@ def _paged_problem(rng, seq_lens, new_tokens, block_size, num_kv, groups, head_d
             tile = len(tiles_q)
             tiles_q.append(tq)
             tiles_pos.append(tp)
-            for lb in range(int(tp.max()) // block_size + 1):
-                items.append((tile, table[lb], lb * block_size))
+            mine = [(tile, table[lb], lb * block_size) for lb in range(int(tp.max()) // block_size + 1)]
+            rng.shuffle(mine)  # the merge must not depend on item order
+            mine += [(tile, 0, MASKED)] * (-len(mine) % run)  # pad the tile's runs
+            items.append(mine)
     n_tiles = len(tiles_q)
-    rng.shuffle(items)  # the merge must not depend on item order
-    items += [(n_tiles, 0, 0)] * item_pad  # padding items
+    order = rng.permutation(len(items))  # runs of different tiles in any order
+    items = [it for k in order for it in items[k]]
+    items += [(n_tiles, 0, 0)] * (item_pad * run)  # padding runs
     item_tile, item_block, item_kstart = (np.array(c, np.int32) for c in zip(*items))
     return dict(q=np.stack(tiles_q), q_pos=np.stack(tiles_pos), k_pages=k_pages, v_pages=v_pages,
                 item_tile=item_tile, item_block=item_block, item_kstart=item_kstart), refs
@@ -68,21 +72,22 @@ def _unpack(o, problem, refs, q_tile, num_kv, groups, head_dim):
 
 
 CASES = [
-    # seq_lens, new_tokens, block_size, num_kv, groups, head_dim, q_tile
-    ([37, 5, 64], [1, 1, 1], 8, 2, 2, 16, 1),      # decode, GQA
-    ([37, 16, 50], [9, 16, 3], 16, 2, 1, 8, 4),    # chunked prefill, MHA
-    ([1, 33], [1, 33], 8, 1, 4, 16, 8),            # whole prompt, MQA
+    # seq_lens, new_tokens, block_size, num_kv, groups, head_dim, q_tile, run
+    ([37, 5, 64], [1, 1, 1], 8, 2, 2, 16, 1, 1),      # decode, GQA
+    ([37, 5, 64], [1, 1, 1], 8, 2, 2, 16, 1, 4),      # decode, runs of 4 blocks
+    ([37, 16, 50], [9, 16, 3], 16, 2, 1, 8, 4, 2),    # chunked prefill, MHA
+    ([1, 33], [1, 33], 8, 1, 4, 16, 8, 1),            # whole prompt, MQA
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_micro_attention_matches_dense_f64(case, impl):
-    seq_lens, new, bs, num_kv, groups, head_dim, q_tile = case
+    seq_lens, new, bs, num_kv, groups, head_dim, q_tile, run = case
     rng = np.random.default_rng(sum(seq_lens))
-    problem, refs = _paged_problem(rng, seq_lens, new, bs, num_kv, groups, head_dim, q_tile)
+    problem, refs = _paged_problem(rng, seq_lens, new, bs, num_kv, groups, head_dim, q_tile, run=run)
     o, lse = micro_attention(**{k: jnp.asarray(v) for k, v in problem.items()},
-                             scale=1 / np.sqrt(head_dim), impl=impl, interpret=True)
+                             scale=1 / np.sqrt(head_dim), run=run, impl=impl, interpret=True)
     assert _unpack(o, problem, refs, q_tile, num_kv, groups, head_dim) <= 1e-5
     # padding rows attend nothing: lse = -inf and o = 0, never NaN
     pad = problem["q_pos"] < 0
@@ -90,12 +95,13 @@ def test_micro_attention_matches_dense_f64(case, impl):
     assert np.all(np.asarray(o)[pad] == 0)
 
 
-def test_pallas_equals_reference():
+@pytest.mark.parametrize("run", [1, 4])
+def test_pallas_equals_reference(run):
     rng = np.random.default_rng(7)
-    problem, _ = _paged_problem(rng, [45, 20], [5, 20], 8, 2, 2, 16, 4)
+    problem, _ = _paged_problem(rng, [45, 20], [5, 20], 8, 2, 2, 16, 4, run=run)
     args = {k: jnp.asarray(v) for k, v in problem.items()}
-    ref = micro_attention(**args, scale=0.25, impl="reference")
-    pal = micro_attention(**args, scale=0.25, impl="pallas", interpret=True)
+    ref = micro_attention(**args, scale=0.25, run=run, impl="reference")
+    pal = micro_attention(**args, scale=0.25, run=run, impl="pallas", interpret=True)
     for a, b in zip(ref, pal):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=0)
 

@@ -9,6 +9,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, str] = {
+    "attention": "distkv_jax.bench.attention",
     "control_plane": "distkv_jax.bench.control_plane",
 }
 

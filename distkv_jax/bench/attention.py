@@ -1,0 +1,283 @@
+"""Decode-step attention versus context length on an Ix1 mesh.
+
+    python -m distkv_jax.bench attention [--contexts=1024,...,65536] [--quick]
+
+Workload: one decode step of one layer with one sequence per instance (I
+sequences of N tokens each, 1 query row per instance), Llama-3-8B-like heads
+by default (32 query heads, 8 KV heads, head_dim 128, float32, block 16).
+
+  (a) local:     every sequence's blocks on its owner instance (DistAttention)
+  (b) spread:    every sequence's blocks round-robin over all instances (DistAttention)
+  (c) kv_moving: blocks spread as in (b), but the remote blocks are moved to the
+                 owner (one all_to_all of KV), which then attends locally
+
+Bytes between instances are counted from the collectives' payload shapes. On
+simulated CPU devices a collective is a memory copy, so the times understate
+what moving KV costs on a network; the bytes are the figure that transfers.
+
+Also measured: MicroAttention (reference, one device, one sequence) KV bytes
+read per second at --bandwidth_context, against this machine's memory
+bandwidth measured two ways: XLA streaming read (jnp.sum over 1 GiB on one
+CPU device; XLA may use both cores) and one-thread numpy sum.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import time
+
+import numpy as np
+from absl import flags
+
+from distkv_jax.attention_plan import MAX_RUN, choose_run
+from distkv_jax.mesh import simulate_cpu_devices
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("contexts", ["1024", "4096", "16384", "32768", "65536"], "context lengths (tokens)")
+flags.DEFINE_integer("instances", 8, "instances (mesh Ix1)")
+flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+flags.DEFINE_integer("num_heads", 32, "query heads")
+flags.DEFINE_integer("num_kv_heads", 8, "KV heads")
+flags.DEFINE_integer("head_dim", 128, "head dimension")
+flags.DEFINE_integer("iters", 5, "timed iterations per point (median reported)")
+flags.DEFINE_integer("bandwidth_context", 32768, "context of the single-device bandwidth measurement")
+flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
+flags.DEFINE_string("output_json", "bench_results/attention.json", "result file")
+flags.DEFINE_string("output_png", "bench_results/attention.png", "plot ('' to skip)")
+
+
+def _median_time(fn, iters):
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _setup(I, N, bs, Hq, Hkv, D):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from distkv_jax.attention_plan import PoolGeometry, SeqQuery, build_attention_plan
+    from distkv_jax.dist_attention import (DistAttentionConfig, DistMeta, dist_attention,
+                                           step_traffic_bytes)
+    from distkv_jax.kv_pool import PoolLayout
+    from distkv_jax.mesh import make_mesh
+
+    mesh = make_mesh(f"{I}x1")
+    nblocks = -(-N // bs)
+    layout = PoolLayout(1, I, nblocks, bs, Hkv, D, 1)
+    cfg = DistAttentionConfig(layout, Hq, 1 / math.sqrt(D))
+    pool_sh = NamedSharding(mesh, layout.spec)
+    rows_sh = NamedSharding(mesh, P("inst"))
+
+    def rand(key, shape, sharding):
+        return jax.jit(lambda: jax.random.normal(jax.random.key(key), shape, jnp.float32),
+                       out_shardings=sharding)()
+
+    q = rand(1, (I, 1, Hq, D), rows_sh)
+    k_new = rand(2, (I, 1, Hkv, D), rows_sh)
+    v_new = rand(3, (I, 1, Hkv, D), rows_sh)
+    geom = PoolGeometry(I, nblocks, bs)
+
+    def tables(spread):
+        # Sequence i's logical block b lives on instance (i + b) % I when
+        # spread, else on instance i; physical slots fill each instance in order.
+        used = [0] * I
+        out = []
+        for i in range(I):
+            t = []
+            for b in range(nblocks):
+                inst = (i + b) % I if spread else i
+                t.append(inst * nblocks + used[inst])
+                used[inst] += 1
+            out.append(t)
+        return out
+
+    step = jax.jit(functools.partial(dist_attention, mesh=mesh, cfg=cfg), donate_argnums=(3, 4))
+    return dict(jax=jax, jnp=jnp, mesh=mesh, layout=layout, cfg=cfg, q=q, k_new=k_new, v_new=v_new,
+                geom=geom, tables=tables, step=step, rand=rand, pool_sh=pool_sh,
+                SeqQuery=SeqQuery, build=build_attention_plan, DistMeta=DistMeta,
+                traffic=step_traffic_bytes)
+
+
+def _dist_point(s, N, spread, iters):
+    I = s["layout"].num_instances
+    queries = [s["SeqQuery"](i, 0, [N - 1], t) for i, t in enumerate(s["tables"](spread))]
+    plan = s["build"](queries, s["geom"], 1)
+    meta = s["DistMeta"].from_plan(plan)
+    pools = [s["rand"](10, s["layout"].shape, s["pool_sh"]), s["rand"](11, s["layout"].shape, s["pool_sh"])]
+
+    def run():
+        out, pools[0], pools[1] = s["step"](s["q"], s["k_new"], s["v_new"], pools[0], pools[1], 0, meta)
+        out.block_until_ready()
+        return out
+
+    ref = run()  # compile
+    t = _median_time(run, iters)
+    return t, np.asarray(ref), plan.items_per_instance().tolist(), pools
+
+
+def _kv_moving_point(s, N, iters, pools):
+    """(c): send each sequence's remote blocks to its owner, then attend there.
+    `pools` are (b)'s pools after its steps (the new token already written)."""
+    jax, jnp = s["jax"], s["jnp"]
+    from jax.sharding import PartitionSpec as P
+
+    from distkv_jax.kernels.micro_attention import micro_attention
+
+    lay, cfg, mesh = s["layout"], s["cfg"], s["mesh"]
+    I, NB, bs = lay.num_instances, lay.blocks_per_instance, lay.block_size
+    tabs = s["tables"](True)
+    per_src = -(-NB // I)  # blocks of one sequence held by one instance (round-robin)
+    send = np.zeros((I, I, per_src), np.int32)     # [src, dst owner, w] local block on src
+    kstart = np.full((I, I, per_src), 1 << 30, np.int32)  # [owner, src, w] key start (pad: masked)
+    fill = np.zeros((I, I), np.int32)
+    for owner, t in enumerate(tabs):
+        for lb, gb in enumerate(t):
+            src = gb // NB
+            w = fill[src, owner]
+            send[src, owner, w] = gb % NB
+            kstart[owner, src, w] = lb * bs
+            fill[src, owner] += 1
+    pos = np.full((I, 1), N - 1, np.int32)
+    Hkv, D, Hq = lay.num_kv_heads, lay.head_dim, cfg.num_heads
+
+    def body(q, k_pool, v_pool, send, kstart, pos):
+        kp, vp = k_pool[0], v_pool[0]                            # [NB, bs, Hkv, D]
+        k_out = kp[send[0]]                                      # [I, per_src, bs, Hkv, D]
+        v_out = vp[send[0]]
+        k_in = jax.lax.all_to_all(k_out, "inst", 0, 0, tiled=True).reshape(I * per_src, bs, Hkv, D)
+        v_in = jax.lax.all_to_all(v_out, "inst", 0, 0, tiled=True).reshape(I * per_src, bs, Hkv, D)
+        W = I * per_src
+        qt = q[0].reshape(1, 1, Hkv, Hq // Hkv, D)
+        o, _ = micro_attention(qt, pos[:, :1], k_in, v_in, jnp.zeros(W, jnp.int32),
+                               jnp.arange(W, dtype=jnp.int32), kstart[0].reshape(W), scale=cfg.scale,
+                               run=math.gcd(W, MAX_RUN))
+        return o.reshape(1, 1, Hq, D)
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh,
+                               in_specs=(P("inst"), lay.spec, lay.spec, P("inst"), P("inst"), P("inst")),
+                               out_specs=P("inst"), check_vma=False))
+    args = (s["q"], pools[0], pools[1], jnp.asarray(send), jnp.asarray(kstart), jnp.asarray(pos))
+    out = fn(*args).block_until_ready()
+    t = _median_time(lambda: fn(*args).block_until_ready(), iters)
+    itemsize = 4
+    moved = I * (I - 1) * per_src * bs * Hkv * D * 2 * itemsize     # all_to_all payload, off-device
+    remote = sum(1 for o, t_ in enumerate(tabs) for gb in t_ if gb // NB != o) * bs * Hkv * D * 2 * itemsize
+    return t, np.asarray(out), moved, remote
+
+
+def _bandwidth(N, bs, Hq, Hkv, D, iters):
+    import jax
+    import jax.numpy as jnp
+
+    from distkv_jax.kernels.micro_attention import micro_attention
+
+    dev = jax.devices()[0]
+    big = jax.jit(lambda: jax.random.uniform(jax.random.key(0), (256 * 1024 * 1024,)),
+                  out_shardings=jax.sharding.SingleDeviceSharding(dev))()  # 1 GiB
+    total = jax.jit(jnp.sum)
+    total(big).block_until_ready()
+    xla_bw = big.nbytes / _median_time(lambda: total(big).block_until_ready(), iters)
+    host = np.random.default_rng(0).random(256 * 1024 * 1024, np.float32)
+    host.sum()
+    np_bw = host.nbytes / _median_time(lambda: host.sum(), iters)
+    del big, host
+
+    P_ = -(-N // bs)
+    rng = np.random.default_rng(0)
+    k = jax.device_put(rng.standard_normal((P_, bs, Hkv, D), np.float32), dev)
+    v = jax.device_put(rng.standard_normal((P_, bs, Hkv, D), np.float32), dev)
+    q = jnp.ones((8, 1, Hkv, Hq // Hkv, D), jnp.float32)
+    q_pos = jnp.full((8, 1), -1, jnp.int32).at[0, 0].set(N - 1)
+    blocks = jnp.asarray(rng.permutation(P_).astype(np.int32))
+    run = choose_run(np.array([P_]))  # what the plan picks for one long sequence
+    fn = jax.jit(lambda *a: micro_attention(*a, scale=0.1, run=run))
+    args = (q, q_pos, k, v, jnp.zeros(P_, jnp.int32), blocks, jnp.arange(P_, dtype=jnp.int32) * bs)
+    fn(*args)[0].block_until_ready()
+    t = _median_time(lambda: fn(*args)[0].block_until_ready(), iters)
+    kv_bytes = k.nbytes + v.nbytes
+    return {"context": N, "run": run, "micro_attention_ms": t * 1e3, "kv_bytes": int(kv_bytes),
+            "kv_read_GBps": kv_bytes / t / 1e9, "xla_stream_read_GBps": xla_bw / 1e9,
+            "numpy_1thread_read_GBps": np_bw / 1e9,
+            "fraction_of_xla_bw": kv_bytes / t / xla_bw, "fraction_of_numpy_bw": kv_bytes / t / np_bw}
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.quick:
+        contexts, Hq, Hkv, D, iters, bw_ctx = [256, 1024], 4, 2, 16, 2, 1024
+    else:
+        contexts = [int(c) for c in FLAGS.contexts]
+        Hq, Hkv, D, iters, bw_ctx = (FLAGS.num_heads, FLAGS.num_kv_heads, FLAGS.head_dim,
+                                     FLAGS.iters, FLAGS.bandwidth_context)
+    I, bs = FLAGS.instances, FLAGS.block_size
+    simulate_cpu_devices(I)
+    import jax
+
+    rows = []
+    for N in contexts:
+        s = _setup(I, N, bs, Hq, Hkv, D)
+        t_a, _, items_a, pools = _dist_point(s, N, False, iters)
+        del pools
+        t_b, out_b, items_b, pools = _dist_point(s, N, True, iters)
+        t_c, out_c, moved, remote = _kv_moving_point(s, N, iters, pools)
+        del pools
+        # (b) and (c) attend the same blocks, once where they are, once moved
+        diff = float(np.abs(out_c - out_b).max())
+        traffic = s["traffic"](s["cfg"], 1, 4)
+        dist_bytes = int(sum(traffic.values()))
+        row = {"context": N, "local_ms": t_a * 1e3, "spread_ms": t_b * 1e3, "kv_moving_ms": t_c * 1e3,
+               "spread_over_local": t_b / t_a, "kv_moving_over_spread": t_c / t_b,
+               "dist_bytes_per_step": dist_bytes, "dist_bytes_detail": traffic,
+               "kv_moving_bytes_per_step": int(moved), "kv_remote_bytes_minimum": int(remote),
+               "bytes_ratio_kv_moving_over_dist": moved / dist_bytes,
+               "items_per_instance_local": items_a, "items_per_instance_spread": items_b,
+               "max_abs_diff_spread_vs_kv_moving": diff}
+        rows.append(row)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                          if not isinstance(v, (list, dict))}), flush=True)
+        del s
+    bw = _bandwidth(bw_ctx, bs, Hq, Hkv, D, iters)
+    print(json.dumps(bw), flush=True)
+    result = {"bench": "attention", "instances": I, "block_size": bs, "num_heads": Hq,
+              "num_kv_heads": Hkv, "head_dim": D, "dtype": "float32", "sequences_per_step": I,
+              "rows": rows, "bandwidth": bw, "devices": len(jax.devices()),
+              "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
+    if FLAGS.output_json:
+        os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
+        with open(FLAGS.output_json, "w") as f:
+            json.dump(result, f, indent=1)
+    if FLAGS.output_png:
+        _plot(rows, FLAGS.output_png)
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    ctx = [r["context"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("local_ms", "(a) all blocks local"), ("spread_ms", "(b) spread, DistAttention"),
+                       ("kv_moving_ms", "(c) spread, move KV to owner")):
+        ax1.plot(ctx, [r[key] for r in rows], marker="o", label=label)
+    ax1.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="ms per decode step (1 layer)")
+    ax1.legend()
+    ax2.plot(ctx, [r["dist_bytes_per_step"] for r in rows], marker="o", label="DistAttention")
+    ax2.plot(ctx, [r["kv_moving_bytes_per_step"] for r in rows], marker="o", label="move KV")
+    ax2.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="bytes between instances per step")
+    ax2.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
