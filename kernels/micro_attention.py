@@ -85,27 +85,38 @@ ITEMS_PER_SCAN_STEP = 64  # ~4 MB of KV per step for 8 KV heads x 128 dims x 16 
 
 def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart, scale,
                    kv_head_offset):
-    """Partials of a batch of runs: run_tile [S], run_blocks/run_kstart [S, run]."""
+    """Partials of a batch of runs: run_tile [S], run_blocks/run_kstart [S, run].
+
+    Operands are laid out as canonical batched matmuls ([S, Hkv] batch dims
+    first): XLA:CPU runs "hgd,nhd->hgn" about 20x slower than the same product
+    with K transposed to [h, n, d] first.
+    """
     n_tiles, q_tile, num_kv, groups, head_dim = q.shape
     block_size = k_pages.shape[1]
     num_runs, run = run_blocks.shape
+    rows = q_tile * groups
+    n = run * block_size
     valid = run_tile < n_tiles
     tile = jnp.minimum(run_tile, n_tiles - 1)
-    qs = q[tile].astype(jnp.float32)                                    # [S, Qt, Hkv, G, D]
-    pos = q_pos[tile]                                                   # [S, Qt]
-    kw = jax.lax.dynamic_slice_in_dim(k_pages[run_blocks], kv_head_offset, num_kv, axis=3)
-    vw = jax.lax.dynamic_slice_in_dim(v_pages[run_blocks], kv_head_offset, num_kv, axis=3)
-    kw = kw.reshape(num_runs, run * block_size, num_kv, head_dim).astype(jnp.float32)
-    vw = vw.reshape(num_runs, run * block_size, num_kv, head_dim).astype(jnp.float32)
-    s = jnp.einsum("sqhgd,snhd->sqhgn", qs, kw) * scale
-    kpos = (run_kstart[:, :, None] + jnp.arange(block_size, dtype=jnp.int32)).reshape(num_runs, -1)
-    visible = (kpos[:, None, :] <= pos[:, :, None]) & valid[:, None, None]  # [S, Qt, run*bs]
-    s = jnp.where(visible[:, :, None, None, :], s, NEG_INF)
+    qs = q[tile].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(num_runs, num_kv, rows, head_dim)
+    pos = jnp.repeat(q_pos[tile], groups, axis=1)                       # [S, M], row order (q, g)
+    kw, vw = k_pages[run_blocks], v_pages[run_blocks]                  # [S, run, bs, Hs, D]
+    if not (isinstance(kv_head_offset, int) and kv_head_offset == 0 and num_kv == k_pages.shape[2]):
+        kw = jax.lax.dynamic_slice_in_dim(kw, kv_head_offset, num_kv, axis=3)
+        vw = jax.lax.dynamic_slice_in_dim(vw, kv_head_offset, num_kv, axis=3)
+    kw = kw.reshape(num_runs, n, num_kv, head_dim).transpose(0, 2, 1, 3).astype(jnp.float32)
+    vw = vw.reshape(num_runs, n, num_kv, head_dim).transpose(0, 2, 1, 3).astype(jnp.float32)
+    s = jnp.einsum("shmd,shnd->shmn", qs, kw) * scale                   # [S, Hkv, M, N]
+    kpos = (run_kstart[:, :, None] + jnp.arange(block_size, dtype=jnp.int32)).reshape(num_runs, n)
+    visible = (kpos[:, None, :] <= pos[:, :, None]) & valid[:, None, None]  # [S, M, N]
+    s = jnp.where(visible[:, None], s, NEG_INF)
     m_safe = _safe_max(jnp.max(s, axis=-1))
     p = jnp.exp(s - m_safe[..., None])                                  # masked -> exactly 0
     l = jnp.sum(p, axis=-1)
-    o_sum = jnp.einsum("sqhgn,snhd->sqhgd", p, vw)
-    return _finish(o_sum, l, m_safe)
+    o, lse = _finish(jnp.einsum("shmn,shnd->shmd", p, vw), l, m_safe)  # [S, Hkv, M, (D)]
+    o = o.reshape(num_runs, num_kv, q_tile, groups, head_dim).transpose(0, 2, 1, 3, 4)
+    lse = lse.reshape(num_runs, num_kv, q_tile, groups).transpose(0, 2, 1, 3)
+    return o, lse
 
 
 def run_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
