@@ -1,0 +1,393 @@
+"""The serving engine: scheduler + KV control plane + one jitted step.
+
+    engine.add_request(prompt, params) -> request id
+    engine.step() -> RequestOutputs that changed this step
+    engine.has_unfinished()
+
+Each step: the scheduler plans (host, numpy); the KV copies the control plane
+asked for run (migrations, swap out, swap in: jitted whole-block copies); the
+jitted step runs the model with DistAttention over the mesh and samples on
+device; the host appends the tokens and checks stop conditions.
+
+The step is one program per bucket shape: (rows per instance, tiles, query
+tile, work-list runs, run length, logits rows). `compiled_programs()` counts
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from .dist_attention import DistMeta
+from .kv_cache_manager import KVCacheManager
+from .kv_copy import KVCopier
+from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool
+from .kv_types import KVCacheConfig
+from .models.config import ModelConfig
+from .models.loader import resolve_dtype
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .paged_model import paged_forward_fn, pool_layout
+from .sampling import SamplingTensors, sample
+from .sampling_params import SamplingParams
+from .scheduler import FINISHED, LogitsRow, Request, Scheduler, SchedulerConfig
+
+MAX_BANNED = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_blocks: int | None = None        # per instance; None: from free memory
+    host_kv_blocks: int = 0             # per instance
+    kv_policy: str = "distributed"
+    max_num_seqs: int = 64              # per instance
+    max_tokens_per_step: int = 256      # per instance
+    max_logprobs: int = 20
+    seed: int = 0
+    impl: str = "reference"             # MicroAttention implementation
+    kv_memory_fraction: float = 0.9     # of free accelerator memory (CPU: see kv_blocks_from_memory)
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """Output-side state of one request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    sched: Request | None
+    generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list | None = None
+    cumulative_logprob: float = 0.0
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: Any = None
+    error: str | None = None
+    metrics: RequestMetrics = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def kv_blocks_from_memory(layout: PoolLayout, dtype, cfg: ModelConfig, max_num_seqs: int,
+                          fraction: float) -> int:
+    """KV blocks per instance that fit in free device memory.
+
+    Accelerators: `fraction` of (bytes_limit - bytes_in_use), i.e. 10% headroom
+    by default. CPU devices report no memory stats: a quarter of the host's
+    available memory, shared by the local devices. Capped at what max_num_seqs
+    sequences of max_position_embeddings tokens can use.
+    """
+    per_block = layout.bytes(dtype) // (layout.num_instances * layout.blocks_per_instance)
+    per_block_per_device = per_block // layout.tp  # (over-estimate when KV is replicated over tp)
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * fraction
+    else:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = avail * 0.25 / len(jax.local_devices())
+    blocks = int(free // max(per_block_per_device, 1))
+    cap = -(-max_num_seqs * cfg.max_position_embeddings // layout.block_size)
+    return max(1, min(blocks, cap))
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, params, mesh: Mesh, tokenizer=None,
+                 config: EngineConfig = EngineConfig(), dtype: Any = "float32"):
+        self.cfg, self.params, self.mesh, self.tokenizer = cfg, params, mesh, tokenizer
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        I = mesh.shape["inst"]
+        nb = config.kv_blocks
+        if nb is None:
+            nb = kv_blocks_from_memory(pool_layout(cfg, mesh, 1, config.block_size), self.dtype,
+                                       cfg, config.max_num_seqs, config.kv_memory_fraction)
+        self.layout = pool_layout(cfg, mesh, nb, config.block_size)
+        self.pools = create_kv_pool(mesh, self.layout, self.dtype)
+        self.host_pools = None
+        if config.host_kv_blocks > 0:
+            host_layout = dataclasses.replace(self.layout, blocks_per_instance=config.host_kv_blocks)
+            sh = NamedSharding(mesh, host_layout.spec, memory_kind="pinned_host")
+            zeros = jax.jit(lambda: jnp.zeros(host_layout.shape, self.dtype), out_shardings=sh)
+            self.host_pools = PagedKVCache(zeros(), zeros())
+        self.kv = KVCacheManager(KVCacheConfig(
+            I, nb, block_size=config.block_size, host_blocks_per_instance=config.host_kv_blocks,
+            kv_policy=config.kv_policy))
+        self.scheduler = Scheduler(SchedulerConfig(
+            I, config.block_size, nb, max_num_seqs=config.max_num_seqs,
+            max_tokens_per_step=config.max_tokens_per_step), self.kv)
+        self.copier = KVCopier(mesh)
+        self.eos_ids = set(cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(tokenizer.eos_token_id))
+        self._step = self._make_step()
+        self._tracked: dict[int, _Tracked] = {}
+        self._next_rid = 0
+        self.stats = {"steps": 0, "preemptions": 0, "swapped_out_blocks": 0,
+                      "swapped_in_blocks": 0, "migrated_blocks": 0, "prompt_tokens": 0,
+                      "generation_tokens": 0, "max_remote_blocks": 0}
+
+    # ------------------------------------------------------------ device step
+    def _make_step(self):
+        forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.config.impl)
+        num_top = self.config.max_logprobs
+
+        def step(params, pools, tokens, positions, meta, logits_index, targets, st):
+            logits, pools = forward(params, tokens, positions, pools, meta, logits_index)
+            logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+            res = sample(logits, st, num_top, self.config.seed)
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            target_lp = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=1)[:, 0]
+            target_rank = 1 + jnp.sum(logp > target_lp[:, None], axis=-1)
+            return pools, res, target_lp, target_rank
+
+        return jax.jit(step, donate_argnums=(1,))
+
+    def compiled_programs(self) -> int:
+        """XLA programs compiled so far: step shapes plus KV copy batches."""
+        return self._step._cache_size() + self.copier.compiles()
+
+    # --------------------------------------------------------------- requests
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        rid = self._next_rid
+        self._next_rid += 1
+        request_id = str(rid) if request_id is None else str(request_id)
+        now = time.time()
+        text = prompt if isinstance(prompt, str) else None
+        seed = params.seed if params.seed is not None else (self.config.seed * 1_000_003 + rid) % (2 ** 31)
+        t = _Tracked(request_id, text, [], params, seed, None,
+                     logprobs=[] if params.logprobs is not None else None,
+                     metrics=RequestMetrics(arrival_time=now, first_scheduled_time=None,
+                                            first_token_time=None, last_token_time=None,
+                                            finished_time=None))
+        self._tracked[rid] = t
+        error = None
+        try:
+            ids = self._prompt_ids(prompt)
+            t.prompt_ids = ids
+            capacity = self.kv.max_request_tokens(0)
+            if len(ids) > capacity:
+                error = (f"prompt has {len(ids)} tokens, more than the {capacity} tokens of KV "
+                         f"one request may hold under kv_policy={self.config.kv_policy!r}")
+        except ValueError as e:
+            error = str(e)
+        if error is not None:
+            t.error = error
+            t.finish_reason = "error"
+            t.metrics.finished_time = now
+            return request_id
+        if params.prompt_logprobs is not None:
+            t.prompt_logprobs = [None]
+        t.sched = Request(rid, list(ids), len(ids), params.prompt_logprobs is not None)
+        self.scheduler.add(t.sched)
+        return request_id
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a string prompt needs a tokenizer; this model directory has none "
+                                 "(pass token ids instead)")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            try:
+                ids = [int(x) for x in prompt]
+            except (TypeError, ValueError):
+                raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            if any(isinstance(x, bool) or int(x) != x for x in prompt):
+                raise ValueError("token ids must be integers")
+        if not ids:
+            raise ValueError("empty prompt: a request needs at least one prompt token")
+        bad = [x for x in ids if not 0 <= x < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return ids
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def take_finished_errors(self) -> list[RequestOutput]:
+        """Requests refused at submission (they never reach the scheduler)."""
+        out = []
+        for rid, t in list(self._tracked.items()):
+            if t.sched is None and t.finished:
+                out.append(self._output(t))
+                del self._tracked[rid]
+        return out
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of requests that changed."""
+        plan = self.scheduler.schedule()
+        changed: dict[int, _Tracked] = {}
+        if plan is None:
+            self._unblock(changed)
+            return [self._emit(t) for t in changed.values()]
+        kvp = plan.kv
+        for rid in kvp.too_long:  # reached the most KV the policy allows
+            self._finish(self._tracked[rid], "length", None, changed)
+        self.stats["preemptions"] += len(kvp.preempted)
+        if kvp.moves.pairs:
+            self.pools = self.copier.move(self.pools, kvp.moves)
+            self.stats["migrated_blocks"] += len(kvp.moves.pairs)
+        if kvp.swap_out.pairs:
+            self.host_pools = self.copier.swap_out(self.pools, self.host_pools, kvp.swap_out)
+            self.stats["swapped_out_blocks"] += len(kvp.swap_out.pairs)
+        if kvp.swap_in.pairs:
+            self.pools = self.copier.swap_in(self.host_pools, self.pools, kvp.swap_in)
+            self.stats["swapped_in_blocks"] += len(kvp.swap_in.pairs)
+        if not plan.seqs:
+            return [self._emit(t) for t in changed.values()]
+
+        now = time.time()
+        for s in plan.seqs:
+            t = self._tracked[s.request.rid]
+            if t.metrics.first_scheduled_time is None:
+                t.metrics.first_scheduled_time = now
+        st = self._sampling_tensors(plan.logits_rows)
+        self.pools, res, target_lp, target_rank = self._step(
+            self.params, self.pools, plan.tokens, plan.positions, DistMeta.from_plan(plan.attention),
+            plan.logits_index, plan.targets, st)
+        res = jax.tree.map(np.asarray, res)
+        target_lp, target_rank = np.asarray(target_lp), np.asarray(target_rank)
+        self.scheduler.advance(plan)
+        self.stats["steps"] += 1
+        self.stats["max_remote_blocks"] = max(self.stats["max_remote_blocks"],
+                                              int(self.kv.ledger().sum()))
+        now = time.time()
+        for k, row in enumerate(plan.logits_rows):
+            if row is None:
+                continue
+            t = self._tracked[row.request.rid]
+            if row.target >= 0:
+                self._record_prompt_logprob(t, row, k, res, target_lp, target_rank)
+            else:
+                self._append_token(t, k, res, now, changed)
+        return [self._emit(t) for t in changed.values()]
+
+    def _unblock(self, changed) -> None:
+        """Nothing could be scheduled although requests remain: the head of the
+        queue can never fit. Fail it rather than spin."""
+        for r in list(self.scheduler.requests.values()):
+            t = self._tracked[r.rid]
+            t.error = "request cannot be scheduled with the configured KV capacity"
+            self._finish(t, "error", None, changed)
+            return
+
+    def _sampling_tensors(self, rows: Sequence[LogitsRow | None]) -> SamplingTensors:
+        n = len(rows)
+        temperature = np.zeros(n, np.float32)
+        top_k = np.zeros(n, np.int32)
+        top_p = np.ones(n, np.float32)
+        min_p = np.zeros(n, np.float32)
+        seed = np.zeros(n, np.uint32)
+        counter = np.zeros(n, np.int32)
+        banned = np.full((n, MAX_BANNED), -1, np.int32)
+        for k, row in enumerate(rows):
+            if row is None or row.target >= 0:
+                continue
+            t = self._tracked[row.request.rid]
+            p = t.params
+            temperature[k] = 0.0 if p.is_greedy else p.temperature
+            top_k[k], top_p[k], min_p[k] = p.top_k, p.top_p, p.min_p
+            seed[k] = t.seed
+            counter[k] = len(t.generated)
+            if len(t.generated) < p.min_tokens:
+                ban = sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids))
+                banned[k, :len(ban[:MAX_BANNED])] = ban[:MAX_BANNED]
+        return SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               seed=seed, counter=counter, banned=banned)
+
+    def _logprob_dict(self, chosen: int, chosen_lp: float, chosen_rank: int, top_ids, top_lps,
+                      k: int) -> dict:
+        d = {int(chosen): Logprob(float(chosen_lp), int(chosen_rank), self._decode_one(chosen))}
+        for j in range(k):
+            tid = int(top_ids[j])
+            if tid not in d:
+                d[tid] = Logprob(float(top_lps[j]), j + 1, self._decode_one(tid))
+        return d
+
+    def _decode_one(self, tid: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([tid])
+
+    def _record_prompt_logprob(self, t: _Tracked, row: LogitsRow, k: int, res, target_lp,
+                               target_rank) -> None:
+        if t.prompt_logprobs is None or len(t.prompt_logprobs) != row.position + 1:
+            return  # already recorded (a recompute after preemption)
+        t.prompt_logprobs.append(self._logprob_dict(
+            row.target, target_lp[k], target_rank[k], res.top_ids[k], res.top_logprobs[k],
+            t.params.prompt_logprobs))
+        self.scheduler.record_prompt_logprob(row)
+
+    def _append_token(self, t: _Tracked, k: int, res, now: float, changed) -> None:
+        tok = int(res.tokens[k])
+        lp = float(res.logprobs[k])
+        t.generated.append(tok)
+        t.sched.tokens.append(tok)
+        t.cumulative_logprob += lp
+        self.stats["generation_tokens"] += 1
+        if t.logprobs is not None:
+            t.logprobs.append(self._logprob_dict(tok, lp, res.ranks[k], res.top_ids[k],
+                                                 res.top_logprobs[k], t.params.logprobs))
+        if t.metrics.first_token_time is None:
+            t.metrics.first_token_time = now
+        t.metrics.last_token_time = now
+        changed[t.sched.rid] = t
+        p = t.params
+        if self.tokenizer is not None:
+            t.text = self.tokenizer.decode(t.generated, skip_special_tokens=p.skip_special_tokens)
+        n = len(t.generated)
+        if n >= p.min_tokens:
+            if tok in self.eos_ids and not p.ignore_eos:
+                return self._finish(t, "stop", None, changed)
+            if p.stop_token_ids and tok in p.stop_token_ids:
+                return self._finish(t, "stop", tok, changed)
+            for s in p.stop or ():
+                at = t.text.find(s)
+                if at >= 0:
+                    t.text = t.text[:at + len(s)] if p.include_stop_str_in_output else t.text[:at]
+                    return self._finish(t, "stop", s, changed)
+        if p.max_tokens is not None and n >= p.max_tokens:
+            return self._finish(t, "length", None, changed)
+
+    def _finish(self, t: _Tracked, reason: str, stop_reason, changed) -> None:
+        t.finish_reason, t.stop_reason = reason, stop_reason
+        t.metrics.finished_time = time.time()
+        self.stats["prompt_tokens"] += len(t.prompt_ids)
+        if t.sched is not None and t.sched.state != FINISHED:
+            self.scheduler.finish(t.sched)
+        changed[t.sched.rid if t.sched is not None else -1] = t
+
+    # --------------------------------------------------------------- outputs
+    def _output(self, t: _Tracked) -> RequestOutput:
+        comp = CompletionOutput(index=0, text=t.text, token_ids=list(t.generated),
+                                cumulative_logprob=t.cumulative_logprob if t.logprobs is not None else None,
+                                logprobs=list(t.logprobs) if t.logprobs is not None else None,
+                                finish_reason=t.finish_reason, stop_reason=t.stop_reason)
+        return RequestOutput(request_id=t.request_id, prompt=t.prompt, prompt_token_ids=list(t.prompt_ids),
+                             prompt_logprobs=list(t.prompt_logprobs) if t.prompt_logprobs is not None else None,
+                             outputs=[comp], finished=t.finished, metrics=t.metrics, error=t.error)
+
+    def _emit(self, t: _Tracked) -> RequestOutput:
+        out = self._output(t)
+        if t.finished and t.sched is not None:
+            self._tracked.pop(t.sched.rid, None)
+        return out
+
+    def kv_usage(self) -> np.ndarray:
+        """Fraction of each instance's device blocks in use."""
+        free = self.kv.free_device_blocks()
+        return 1.0 - free / self.layout.blocks_per_instance

@@ -1,0 +1,251 @@
+"""Continuous-batching scheduler (plain Python + numpy, no JAX).
+
+Queues: waiting (not yet admitted), running (admitted, KV on device or about
+to be recomputed), swapped (KV in host memory). Between steps requests join
+and leave; each step is planned as:
+
+1. Demands per instance under a token budget (rows per instance) and a cap on
+   sequences per instance: running requests first (decodes, then prefill
+   chunks, oldest first), then swapped requests (oldest first), then, only
+   when nothing is swapped, new requests (FCFS), each assigned to the least
+   loaded instance (fewest requests; ties: most free blocks, lowest id).
+2. The KV cache manager turns demands into slots, migrations, preemptions
+   (swap to host, recompute when the host is full) and swap-ins.
+3. The step's arrays (tokens, positions, DistAttention plan, rows to compute
+   logits for) are padded to power-of-two buckets so XLA compiles a handful
+   of programs.
+
+A request is a token stream (prompt + generated) and a count of tokens whose
+KV is cached; a step processes the next chunk of that stream. When a chunk
+reaches the stream's end, its last row's logits give the next token. Prefill,
+decode and recompute after preemption are all this one case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .attention_plan import AttentionPlan, PoolGeometry, SeqQuery, bucket, build_attention_plan
+from .kv_cache_manager import KVCacheManager
+from .kv_types import StepKVPlan
+
+WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
+
+
+@dataclasses.dataclass
+class Request:
+    """Scheduler-side state of one request (the engine keeps its outputs)."""
+
+    rid: int                        # arrival order, also the KV manager's id
+    tokens: list[int]               # prompt + generated so far
+    prompt_len: int
+    wants_prompt_logprobs: bool = False
+    state: str = WAITING
+    instance: int = -1
+    num_computed: int = 0           # tokens whose KV is cached
+    prompt_logprobs_done: int = 1   # prompt positions whose logprob is recorded (first has none)
+    preemptions: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    num_instances: int
+    block_size: int
+    blocks_per_instance: int
+    max_num_seqs: int = 64            # per instance
+    max_tokens_per_step: int = 256    # rows per instance per step
+    prefill_q_tile: int = 8           # query tile for steps with prefill chunks
+    run_choices: tuple[int, ...] = (1, 16)
+    min_rows: int = 8
+    watermark_blocks: int = 1         # free blocks kept when admitting new requests
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSeq:
+    request: Request
+    instance: int
+    row: int
+    start: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsRow:
+    """A row whose logits are computed: sampling (target -1) or a prompt logprob."""
+
+    request: Request
+    position: int          # position of the row's token
+    target: int            # next prompt token for prompt logprobs, -1 when sampling
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepPlan:
+    tokens: np.ndarray          # [I, T] int32
+    positions: np.ndarray       # [I, T] int32
+    attention: AttentionPlan
+    logits_index: np.ndarray    # [I, S] int32 rows of each instance with logits
+    targets: np.ndarray         # [I * S] int32
+    logits_rows: tuple[LogitsRow | None, ...]  # [I * S], None for padding
+    seqs: tuple[ScheduledSeq, ...]
+    kv: StepKVPlan
+
+    @property
+    def shape_key(self) -> tuple:
+        return self.attention.shape_key + (self.logits_index.shape,)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.requests: dict[int, Request] = {}   # live (not finished), insertion = arrival order
+        self.geom = PoolGeometry(config.num_instances, config.blocks_per_instance, config.block_size)
+
+    # ---------------------------------------------------------------- queues
+    def add(self, req: Request) -> None:
+        self.requests[req.rid] = req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def _by_state(self, state: str) -> list[Request]:
+        return [r for r in self.requests.values() if r.state == state]
+
+    def finish(self, req: Request) -> None:
+        if req.state in (RUNNING, SWAPPED):
+            self.kv.finish(req.rid)
+        req.state = FINISHED
+        self.requests.pop(req.rid, None)
+
+    # ------------------------------------------------------------- planning
+    def _choose_instance(self, load: list[int], rows_left: list[int]) -> int | None:
+        free = self.kv.free_device_blocks()
+        best = None
+        for i in range(self.config.num_instances):
+            if load[i] >= self.config.max_num_seqs or rows_left[i] <= 0:
+                continue
+            key = (load[i], -int(free[i]), i)
+            if best is None or key < best[0]:
+                best = (key, i)
+        return None if best is None else best[1]
+
+    def schedule(self) -> StepPlan | None:
+        cfg = self.config
+        I = cfg.num_instances
+        rows_left = [cfg.max_tokens_per_step] * I
+        load = [0] * I          # requests occupying a place on each instance (running or swapped)
+        for r in self.requests.values():
+            if r.state in (RUNNING, SWAPPED):
+                load[r.instance] += 1
+        demands: list[tuple[Request, int]] = []
+
+        def take(r: Request, n: int) -> None:
+            n = min(n, rows_left[r.instance])
+            if n > 0:
+                rows_left[r.instance] -= n
+                demands.append((r, n))
+
+        running = self._by_state(RUNNING)
+        for r in running:                       # decodes first: one row each
+            if r.remaining == 1:
+                take(r, 1)
+        for r in running:                       # then prefill / recompute chunks
+            if r.remaining > 1:
+                take(r, r.remaining)
+        swapped = self._by_state(SWAPPED)
+        for r in swapped:
+            take(r, r.remaining)
+        if not swapped:
+            for r in self._by_state(WAITING):
+                inst = self._choose_instance(load, rows_left)
+                if inst is None:
+                    break
+                # The first chunk must fit in free blocks (keeping a watermark),
+                # so admitting never preempts a running request.
+                room = (self.kv.gm.available_for(inst) - cfg.watermark_blocks) * cfg.block_size
+                if room <= 0:
+                    break                       # FCFS: no overtaking
+                r.instance = self.kv.admit(r.rid, inst)
+                r.state = RUNNING
+                load[inst] += 1
+                take(r, min(r.remaining, room))
+        if not demands:
+            return None
+
+        kv_plan = self.kv.prepare_step([(r.rid, n) for r, n in demands])
+        for p in kv_plan.preempted:
+            r = self.requests[p.request_id]
+            r.preemptions += 1
+            if p.mode == "swap":
+                r.state = SWAPPED
+            else:                               # KV dropped: recompute from the start
+                r.state = RUNNING
+                r.num_computed = 0
+        for rid in kv_plan.swapped_in:
+            self.requests[rid].state = RUNNING
+
+        rows_used = [0] * I
+        seqs = []
+        for rid, start, n in kv_plan.scheduled:
+            r = self.requests[rid]
+            assert start == r.num_computed, (rid, start, r.num_computed)
+            seqs.append(ScheduledSeq(r, r.instance, rows_used[r.instance], start, n))
+            rows_used[r.instance] += n
+        if not seqs:
+            # Nothing could run (e.g. everything preempted or too long): let the
+            # caller settle the too_long requests and try again.
+            return StepPlan(np.zeros((I, 0), np.int32), np.zeros((I, 0), np.int32), None,
+                            np.zeros((I, 0), np.int32), np.zeros(0, np.int32), (), (), kv_plan)
+        return self._arrays(seqs, rows_used, kv_plan)
+
+    def _arrays(self, seqs: list[ScheduledSeq], rows_used: list[int], kv_plan: StepKVPlan) -> StepPlan:
+        cfg = self.config
+        I = cfg.num_instances
+        T = bucket(max(rows_used), cfg.min_rows)
+        tokens = np.zeros((I, T), np.int32)
+        queries = []
+        logits: list[list[tuple[int, LogitsRow]]] = [[] for _ in range(I)]
+        for s in seqs:
+            r = s.request
+            tokens[s.instance, s.row:s.row + s.count] = r.tokens[s.start:s.start + s.count]
+            queries.append(SeqQuery(s.instance, s.row, range(s.start, s.start + s.count),
+                                    self.kv.block_ids(r.rid)))
+            if r.wants_prompt_logprobs:
+                first = max(s.start, r.prompt_logprobs_done - 1)
+                for p in range(first, min(s.start + s.count, r.prompt_len - 1)):
+                    logits[s.instance].append((s.row + p - s.start,
+                                               LogitsRow(r, p, r.tokens[p + 1])))
+            if s.start + s.count == len(r.tokens):
+                logits[s.instance].append((s.row + s.count - 1,
+                                           LogitsRow(r, s.start + s.count - 1, -1)))
+        q_tile = 1 if all(s.count == 1 for s in seqs) else cfg.prefill_q_tile
+        attention = build_attention_plan(queries, self.geom, T, q_tile=q_tile,
+                                         run_choices=cfg.run_choices)
+        S = bucket(max(len(x) for x in logits), cfg.min_rows)
+        logits_index = np.zeros((I, S), np.int32)
+        targets = np.full(I * S, -1, np.int32)
+        rows: list[LogitsRow | None] = [None] * (I * S)
+        for i in range(I):
+            for k, (row, lr) in enumerate(logits[i]):
+                logits_index[i, k] = row
+                targets[i * S + k] = lr.target
+                rows[i * S + k] = lr
+        positions = np.maximum(attention.positions, 0).reshape(I, T)
+        return StepPlan(tokens, positions, attention, logits_index, targets, tuple(rows),
+                        tuple(seqs), kv_plan)
+
+    def advance(self, plan: StepPlan) -> None:
+        """Record that the step's chunks are now cached."""
+        for s in plan.seqs:
+            s.request.num_computed = s.start + s.count
+
+    @staticmethod
+    def record_prompt_logprob(row: LogitsRow) -> None:
+        row.request.prompt_logprobs_done = max(row.request.prompt_logprobs_done, row.position + 2)

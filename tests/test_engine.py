@@ -1,0 +1,213 @@
+"""The engine and LLM.generate against transformers, on simulated meshes, with
+KV pools small enough that requests borrow blocks from other instances and
+are swapped to host memory and back."""
+
+import numpy as np
+import pytest
+
+from distkv_jax import LLM, SamplingParams
+
+from hf_models import hf_greedy, make_hf_model
+
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama_gqa"))
+    return path, make_hf_model("llama_gqa", path)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(11)
+    return [rng.integers(3, 256, size=n).tolist() for n in (3, 29, 12, 45, 1, 20)]
+
+
+@pytest.fixture(scope="module")
+def reference(llama, prompts):
+    """transformers' greedy tokens and, at each generated position, its log-softmax."""
+    import torch
+
+    _, model = llama
+    out = []
+    for p in prompts:
+        toks = hf_greedy(model, p, MAX_NEW)
+        with torch.no_grad():
+            logits = model(torch.tensor([p + toks])).logits[0].double()
+        logp = torch.log_softmax(logits, -1).numpy()
+        lps = [logp[len(p) - 1 + i, t] for i, t in enumerate(toks)]
+        out.append((toks, lps))
+    return out
+
+
+def _check_parity(outs, reference):
+    for out, (toks, lps) in zip(outs, reference):
+        comp = out.outputs[0]
+        assert comp.finish_reason == "length", out.error
+        assert comp.token_ids == toks
+        got = [comp.logprobs[i][t].logprob for i, t in enumerate(toks)]
+        np.testing.assert_allclose(got, lps, atol=1e-4, rtol=0)
+        assert comp.cumulative_logprob == pytest.approx(sum(got), abs=1e-4)
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=1)
+
+
+# kv_blocks per instance with block_size 8: the longest request (45 + 16
+# tokens = 8 blocks) does not fit in one instance's 6 blocks, so it borrows.
+@pytest.mark.parametrize("mesh", ["1x1", "2x4", "4x2", "8x1"])
+def test_greedy_parity_with_borrowing(llama, prompts, reference, mesh):
+    path, _ = llama
+    kv_blocks = 48 if mesh == "1x1" else 6
+    llm = LLM(path, mesh=mesh, block_size=8, kv_blocks=kv_blocks, max_num_batched_tokens=32)
+    outs = llm.generate(prompts, GREEDY)
+    _check_parity(outs, reference)
+    if mesh != "1x1":
+        assert llm.engine.stats["max_remote_blocks"] > 0  # some request held borrowed blocks
+    # every block came back
+    assert (llm.engine.kv.free_device_blocks() == kv_blocks).all()
+
+
+def test_greedy_parity_with_swapping(llama, prompts, reference):
+    """A pool too small for the batch: requests are swapped to host and back."""
+    path, _ = llama
+    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=16,
+              max_num_batched_tokens=64)
+    outs = llm.generate(prompts, GREEDY)
+    _check_parity(outs, reference)
+    stats = llm.engine.stats
+    assert stats["swapped_out_blocks"] > 0 and stats["swapped_in_blocks"] > 0, stats
+
+
+def test_recompute_when_host_is_full(llama, prompts, reference):
+    path, _ = llama
+    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=0,
+              max_num_batched_tokens=64)
+    outs = llm.generate(prompts, GREEDY)
+    _check_parity(outs, reference)
+    assert llm.engine.stats["preemptions"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    from distkv_jax.models.tiny import tiny_model_dir
+
+    return LLM(tiny_model_dir(), mesh="2x4", block_size=8, kv_blocks=16, max_num_batched_tokens=32)
+
+
+def test_outputs_do_not_depend_on_the_batch(tiny_llm):
+    rng = np.random.default_rng(5)
+    target = rng.integers(3, 500, size=21).tolist()
+    others = [rng.integers(3, 500, size=n).tolist() for n in (7, 33, 2, 50)]
+    for params in (SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                   SamplingParams(temperature=0.9, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True)):
+        alone = tiny_llm.generate([target], params)[0].outputs[0].token_ids
+        mixed = tiny_llm.generate(others[:2] + [target] + others[2:], params)[2].outputs[0].token_ids
+        assert alone == mixed and len(alone) == 10
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_llm):
+    p = [5, 6, 7, 8]
+    a = tiny_llm.generate([p], SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True))
+    b = tiny_llm.generate([p], SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True))
+    c = tiny_llm.generate([p], SamplingParams(temperature=1.0, seed=8, max_tokens=12, ignore_eos=True))
+    assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+    assert a[0].outputs[0].token_ids != c[0].outputs[0].token_ids
+
+
+def test_bad_input_fails_alone(llama):
+    """Each bad request finishes with finish_reason "error" and a message;
+    the good ones in the same call complete."""
+    path, _ = llama  # a model directory without a tokenizer
+    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=4, max_num_batched_tokens=32)
+    capacity = llm.engine.kv.max_request_tokens(0)
+    good = [4, 5, 6, 7]
+    batch = [good, [], [1, 2, 999999], "text needs a tokenizer", list(range(3, 3 + capacity + 1)), good]
+    outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=5))
+    reasons = [o.outputs[0].finish_reason for o in outs]
+    assert reasons == ["length", "error", "error", "error", "error", "length"]
+    assert "empty prompt" in outs[1].error
+    assert "outside the vocabulary" in outs[2].error and "999999" in outs[2].error
+    assert "tokenizer" in outs[3].error
+    assert f"more than the {capacity} tokens" in outs[4].error
+    assert outs[0].outputs[0].token_ids == outs[5].outputs[0].token_ids
+    assert all(len(o.outputs[0].token_ids) == 5 for o in (outs[0], outs[5]))
+
+
+def test_request_reaching_capacity_finishes_with_length(llama):
+    path, _ = llama
+    llm = LLM(path, mesh="1x1", block_size=8, kv_blocks=4, kv_policy="local",
+              max_num_batched_tokens=32)
+    out = llm.generate([[3] * 20], SamplingParams(temperature=0, max_tokens=100))[0]
+    comp = out.outputs[0]
+    # 4 blocks of 8 = 32 tokens of KV: 20 prompt tokens + 12 generated fill it
+    # (the 13th token is sampled from the last cached position).
+    assert comp.finish_reason == "length" and len(comp.token_ids) == 13
+
+
+def test_stop_conditions(tiny_llm):
+    tok = tiny_llm.get_tokenizer()
+    prompt = "The quick brown fox"
+    base = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    ids = base.outputs[0].token_ids
+    # stop_token_ids: stop at the 5th generated token, which is kept in token_ids
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                     stop_token_ids=[ids[4]]))[0].outputs[0]
+    first = ids.index(ids[4])
+    assert out.token_ids == ids[:first + 1] and out.finish_reason == "stop"
+    assert out.stop_reason == ids[4]
+    # stop strings are searched in the detokenized text and cut from it
+    text = base.outputs[0].text
+    stop = text[6:9]
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                     stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.find(stop)] and stop not in out.text
+    # min_tokens bans EOS (and stop ids) until reached
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, min_tokens=6,
+                                                     stop_token_ids=[ids[0]]))[0].outputs[0]
+    assert len(out.token_ids) >= 6 and ids[0] not in out.token_ids[:6]
+    assert tok is not None
+
+
+def test_prompt_logprobs_match_transformers(llama):
+    import torch
+
+    path, model = llama
+    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=8, max_num_batched_tokens=8)
+    prompt = list(range(10, 40))  # 30 tokens: several prefill chunks of 8
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for j in range(1, len(prompt)):
+        entry = out.prompt_logprobs[j]
+        assert entry[prompt[j]].logprob == pytest.approx(logp[j - 1, prompt[j]], abs=1e-4)
+        top = sorted(((lp.rank, t) for t, lp in entry.items() if lp.rank <= 2))
+        assert [t for _, t in top][:2] == list(np.argsort(-logp[j - 1])[:2])
+
+
+def test_streaming_yields_incremental_outputs(tiny_llm):
+    seen = {}
+    for out in tiny_llm.generate_stream([[4, 5, 6], [7, 8]], SamplingParams(
+            temperature=0, max_tokens=5, ignore_eos=True)):
+        n = len(out.outputs[0].token_ids)
+        assert n >= seen.get(out.request_id, 0)
+        seen[out.request_id] = n
+    assert sorted(seen.values()) == [5, 5]
+
+
+def test_compilations_are_bounded(tiny_llm):
+    """A mixed workload of 64 requests (prompt lengths 1..120, 1..24 new
+    tokens) compiles a bounded number of XLA programs."""
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 500, size=int(n)).tolist() for n in rng.integers(1, 120, size=64)]
+    params = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])), max_tokens=int(m),
+                             ignore_eos=True, seed=k) for k, m in enumerate(rng.integers(1, 24, size=64))]
+    before = tiny_llm.engine.compiled_programs()
+    outs = tiny_llm.generate(prompts, params)
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    total = tiny_llm.engine.compiled_programs()
+    print(f"compiled programs: {total} ({total - before} new for this workload)")
+    assert total <= 40
