@@ -136,6 +136,8 @@ class Engine:
         self._step = self._make_step()
         self._tracked: dict[int, _Tracked] = {}
         self._next_rid = 0
+        # (prefill rows, decode rows, seconds) of every step that ran the model
+        self.step_log: list[tuple[int, int, float]] = []
         self.stats = {"steps": 0, "preemptions": 0, "swapped_out_blocks": 0,
                       "swapped_in_blocks": 0, "migrated_blocks": 0, "prompt_tokens": 0,
                       "generation_tokens": 0, "max_remote_blocks": 0}
@@ -231,6 +233,7 @@ class Engine:
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of requests that changed."""
+        t_start = time.perf_counter()
         plan = self.scheduler.schedule()
         changed: dict[int, _Tracked] = {}
         if plan is None:
@@ -276,6 +279,9 @@ class Engine:
                 self._record_prompt_logprob(t, row, k, res, target_lp, target_rank)
             else:
                 self._append_token(t, k, res, now, changed)
+        decode = sum(1 for s in plan.seqs if s.count == 1)
+        self.step_log.append((sum(s.count for s in plan.seqs) - decode, decode,
+                              time.perf_counter() - t_start))
         return [self._emit(t) for t in changed.values()]
 
     def _unblock(self, changed) -> None:

@@ -28,12 +28,12 @@ import json
 import math
 import os
 import platform
-import time
 
 import numpy as np
 from absl import flags
 
 from distkv_jax.attention_plan import MAX_RUN, choose_run
+from distkv_jax.bench.memory import median_time, stream_read_bandwidth
 from distkv_jax.mesh import simulate_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -48,15 +48,6 @@ flags.DEFINE_integer("bandwidth_context", 32768, "context of the single-device b
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/attention.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/attention.png", "plot ('' to skip)")
-
-
-def _median_time(fn, iters):
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _setup(I, N, bs, Hq, Hkv, D):
@@ -120,7 +111,7 @@ def _dist_point(s, N, spread, iters):
         return out
 
     ref = run()  # compile
-    t = _median_time(run, iters)
+    t = median_time(run, iters)
     return t, np.asarray(ref), plan.items_per_instance().tolist(), pools
 
 
@@ -167,7 +158,7 @@ def _kv_moving_point(s, N, iters, pools):
                                out_specs=P("inst"), check_vma=False))
     args = (s["q"], pools[0], pools[1], jnp.asarray(send), jnp.asarray(kstart), jnp.asarray(pos))
     out = fn(*args).block_until_ready()
-    t = _median_time(lambda: fn(*args).block_until_ready(), iters)
+    t = median_time(lambda: fn(*args).block_until_ready(), iters)
     itemsize = 4
     moved = I * (I - 1) * per_src * bs * Hkv * D * 2 * itemsize     # all_to_all payload, off-device
     remote = sum(1 for o, t_ in enumerate(tabs) for gb in t_ if gb // NB != o) * bs * Hkv * D * 2 * itemsize
@@ -180,17 +171,8 @@ def _bandwidth(N, bs, Hq, Hkv, D, iters):
 
     from distkv_jax.kernels.micro_attention import micro_attention
 
+    bw = stream_read_bandwidth(iters)
     dev = jax.devices()[0]
-    big = jax.jit(lambda: jax.random.uniform(jax.random.key(0), (256 * 1024 * 1024,)),
-                  out_shardings=jax.sharding.SingleDeviceSharding(dev))()  # 1 GiB
-    total = jax.jit(jnp.sum)
-    total(big).block_until_ready()
-    xla_bw = big.nbytes / _median_time(lambda: total(big).block_until_ready(), iters)
-    host = np.random.default_rng(0).random(256 * 1024 * 1024, np.float32)
-    host.sum()
-    np_bw = host.nbytes / _median_time(lambda: host.sum(), iters)
-    del big, host
-
     P_ = -(-N // bs)
     rng = np.random.default_rng(0)
     k = jax.device_put(rng.standard_normal((P_, bs, Hkv, D), np.float32), dev)
@@ -202,12 +184,12 @@ def _bandwidth(N, bs, Hq, Hkv, D, iters):
     fn = jax.jit(lambda *a: micro_attention(*a, scale=0.1, run=run))
     args = (q, q_pos, k, v, jnp.zeros(P_, jnp.int32), blocks, jnp.arange(P_, dtype=jnp.int32) * bs)
     fn(*args)[0].block_until_ready()
-    t = _median_time(lambda: fn(*args)[0].block_until_ready(), iters)
+    t = median_time(lambda: fn(*args)[0].block_until_ready(), iters)
     kv_bytes = k.nbytes + v.nbytes
     return {"context": N, "run": run, "micro_attention_ms": t * 1e3, "kv_bytes": int(kv_bytes),
-            "kv_read_GBps": kv_bytes / t / 1e9, "xla_stream_read_GBps": xla_bw / 1e9,
-            "numpy_1thread_read_GBps": np_bw / 1e9,
-            "fraction_of_xla_bw": kv_bytes / t / xla_bw, "fraction_of_numpy_bw": kv_bytes / t / np_bw}
+            "kv_read_GBps": kv_bytes / t / 1e9, **bw,
+            "fraction_of_xla_bw": kv_bytes / t / 1e9 / bw["xla_stream_read_GBps"],
+            "fraction_of_numpy_bw": kv_bytes / t / 1e9 / bw["numpy_1thread_read_GBps"]}
 
 
 def main(argv) -> None:
