@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .dist_attention import DistMeta
 from .kv_cache_manager import KVCacheManager
@@ -115,6 +115,10 @@ class Engine:
         if nb is None:
             nb = kv_blocks_from_memory(pool_layout(cfg, mesh, 1, config.block_size), self.dtype,
                                        cfg, config.max_num_seqs, config.kv_memory_fraction)
+            if jax.process_count() > 1:  # every process must build the same pool and plans
+                from jax.experimental import multihost_utils
+
+                nb = int(np.min(multihost_utils.process_allgather(np.asarray([nb], np.int64))))
         self.layout = pool_layout(cfg, mesh, nb, config.block_size)
         self.pools = create_kv_pool(mesh, self.layout, self.dtype)
         self.host_pools = None
@@ -156,7 +160,15 @@ class Engine:
             target_rank = 1 + jnp.sum(logp > target_lp[:, None], axis=-1)
             return pools, res, target_lp, target_rank
 
-        return jax.jit(step, donate_argnums=(1,))
+        if jax.process_count() == 1:
+            return jax.jit(step, donate_argnums=(1,))
+        # Multi-process mesh: every process reads the sampled tokens back, so
+        # the small outputs must be replicated (a sharded output would span
+        # devices of other processes). Single-process programs are unchanged.
+        pool_sh = NamedSharding(self.mesh, self.layout.spec)
+        rep = NamedSharding(self.mesh, P())
+        return jax.jit(step, donate_argnums=(1,),
+                       out_shardings=(PagedKVCache(pool_sh, pool_sh), rep, rep, rep))
 
     def compiled_programs(self) -> int:
         """XLA programs compiled so far: step shapes plus KV copy batches."""
