@@ -115,5 +115,16 @@ def tiny_model_dir(cache_dir: str | None = None) -> str:
         "DISTKV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distkv_jax"))
     path = os.path.join(cache_dir, TINY_NAME)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        make_tiny_model(path)
+        # Build beside it and rename: the processes of a multi-process job may
+        # all get here at once, and none may read a half-written directory.
+        import shutil
+
+        tmp = f"{path}.tmp-{os.getpid()}"
+        make_tiny_model(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(os.path.join(path, "tokenizer.json")):
+                raise
     return path
