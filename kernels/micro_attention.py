@@ -37,6 +37,7 @@ Shapes:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ def merge_axis(o, lse, axis: int = 0):
 # --------------------------------------------------------------------------
 # per-run partials: reference
 
-ITEMS_PER_SCAN_STEP = 64  # ~4 MB of KV per step for 8 KV heads x 128 dims x 16 slots: stays in cache
+SCAN_STEP_BYTES = 8 << 20  # KV gathered per scan step: bounded, to stay in cache
 
 
 def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart, scale,
@@ -128,7 +129,8 @@ def run_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block, it
     streams every block through memory twice more (measured ~3x slower on CPU).
     """
     num_runs = item_tile.shape[0] // run
-    per_step = max(1, min(num_runs, ITEMS_PER_SCAN_STEP // run))
+    block_bytes = 2 * k_pages.dtype.itemsize * math.prod(k_pages.shape[1:3]) * q.shape[-1]
+    per_step = max(1, min(num_runs, SCAN_STEP_BYTES // (block_bytes * run)))
     steps = -(-num_runs // per_step)
     extra = steps * per_step - num_runs
     tiles = item_tile.reshape(num_runs, run)[:, 0]

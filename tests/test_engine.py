@@ -211,3 +211,17 @@ def test_compilations_are_bounded(tiny_llm):
     total = tiny_llm.engine.compiled_programs()
     print(f"compiled programs: {total} ({total - before} new for this workload)")
     assert total <= 40
+
+
+def test_kv_blocks_sized_from_memory_and_module_generate():
+    import distkv_jax
+    from distkv_jax.models.tiny import tiny_model_dir
+
+    llm = LLM(tiny_model_dir(), mesh="1x1", kv_blocks=None, max_num_seqs=2)
+    cfg = llm.model_config
+    # CPU: a quarter of available host memory, capped at max_num_seqs full-length sequences
+    assert llm.engine.layout.blocks_per_instance == 2 * cfg.max_position_embeddings // 16
+    outs = distkv_jax.generate(tiny_model_dir(), [[5, 6, 7], "Once upon"], max_tokens=3,
+                               temperature=0.0, ignore_eos=True)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
+    assert outs[1].prompt == "Once upon" and outs[1].outputs[0].text

@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "attention": "distkv_jax.bench.attention",
     "control_plane": "distkv_jax.bench.control_plane",
+    "throughput": "distkv_jax.bench.throughput",
 }
 
 
