@@ -1,0 +1,26 @@
+"""`python -m distkv_jax.bench throughput --quick` runs both sides and writes a
+well-formed result (structure only; the speed is for the benchmark)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_throughput_quick(tmp_path):
+    out = tmp_path / "throughput.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distkv_jax.bench", "throughput", "--quick",
+         f"--output_json={out}", f"--output_png={tmp_path / 'tp.png'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["workload"] for r in result["rows"]] == ["decode-heavy", "prefill-heavy"]
+    for row in result["rows"]:
+        assert row["distkv_tok_per_s"] > 0 and row["transformers_tok_per_s"] > 0
+        # greedy on the same model: both sides generate the same tokens
+        n = row["requests"]
+        assert row["identical_outputs"] == f"{n}/{n}"
+    assert result["rows"][0]["decode_floor_ms"] > 0
