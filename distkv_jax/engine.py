@@ -37,9 +37,10 @@ from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .paged_model import paged_forward_fn, pool_layout
 from .sampling import SamplingTensors, sample
 from .sampling_params import SamplingParams
+from .attention_plan import bucket
 from .scheduler import FINISHED, LogitsRow, Request, Scheduler, SchedulerConfig
 
-MAX_BANNED = 8
+MIN_BANNED = 8  # banned-token columns (more only when a request bans more)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +314,7 @@ class Engine:
         min_p = np.zeros(n, np.float32)
         seed = np.zeros(n, np.uint32)
         counter = np.zeros(n, np.int32)
-        banned = np.full((n, MAX_BANNED), -1, np.int32)
+        bans: dict[int, list[int]] = {}
         for k, row in enumerate(rows):
             if row is None or row.target >= 0:
                 continue
@@ -323,9 +324,12 @@ class Engine:
             top_k[k], top_p[k], min_p[k] = p.top_k, p.top_p, p.min_p
             seed[k] = t.seed
             counter[k] = len(t.generated)
-            if len(t.generated) < p.min_tokens:
-                ban = sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids))
-                banned[k, :len(ban[:MAX_BANNED])] = ban[:MAX_BANNED]
+            if len(t.generated) < p.min_tokens:  # EOS and stop ids wait for min_tokens
+                bans[k] = sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids))
+        width = bucket(max((len(b) for b in bans.values()), default=0), MIN_BANNED)
+        banned = np.full((n, width), -1, np.int32)
+        for k, ban in bans.items():
+            banned[k, :len(ban)] = ban
         return SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                seed=seed, counter=counter, banned=banned)
 
