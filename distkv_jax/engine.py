@@ -35,12 +35,13 @@ from .models.config import ModelConfig
 from .models.loader import resolve_dtype
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .paged_model import paged_forward_fn, pool_layout
-from .sampling import SamplingTensors, sample
+from .sampling import SamplingTensors, make_sampling_tensors, sample
 from .sampling_params import SamplingParams
 from .attention_plan import bucket
 from .scheduler import FINISHED, LogitsRow, Request, Scheduler, SchedulerConfig
 
 MIN_BANNED = 8  # banned-token columns (more only when a request bans more)
+_GREEDY_ROW = {"temperature": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,31 +308,24 @@ class Engine:
             return
 
     def _sampling_tensors(self, rows: Sequence[LogitsRow | None]) -> SamplingTensors:
-        n = len(rows)
-        temperature = np.zeros(n, np.float32)
-        top_k = np.zeros(n, np.int32)
-        top_p = np.ones(n, np.float32)
-        min_p = np.zeros(n, np.float32)
-        seed = np.zeros(n, np.uint32)
-        counter = np.zeros(n, np.int32)
-        bans: dict[int, list[int]] = {}
-        for k, row in enumerate(rows):
-            if row is None or row.target >= 0:
+        params, counters, seeds, bans = [], [], [], []
+        for row in rows:
+            if row is None or row.target >= 0:  # padding / prompt-logprob rows: greedy, unused
+                params.append(_GREEDY_ROW)
+                counters.append(0)
+                seeds.append(0)
+                bans.append(None)
                 continue
             t = self._tracked[row.request.rid]
             p = t.params
-            temperature[k] = 0.0 if p.is_greedy else p.temperature
-            top_k[k], top_p[k], min_p[k] = p.top_k, p.top_p, p.min_p
-            seed[k] = t.seed
-            counter[k] = len(t.generated)
-            if len(t.generated) < p.min_tokens:  # EOS and stop ids wait for min_tokens
-                bans[k] = sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids))
-        width = bucket(max((len(b) for b in bans.values()), default=0), MIN_BANNED)
-        banned = np.full((n, width), -1, np.int32)
-        for k, ban in bans.items():
-            banned[k, :len(ban)] = ban
-        return SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               seed=seed, counter=counter, banned=banned)
+            params.append(p)
+            counters.append(len(t.generated))
+            seeds.append(t.seed)
+            # EOS and stop ids wait until min_tokens is reached
+            bans.append(sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids))
+                        if len(t.generated) < p.min_tokens else None)
+        width = bucket(max((len(b) for b in bans if b), default=0), MIN_BANNED)
+        return make_sampling_tensors(params, counters, bans, seeds=seeds, banned_width=width)
 
     def _logprob_dict(self, chosen: int, chosen_lp: float, chosen_rank: int, top_ids, top_lps,
                       k: int) -> dict:
