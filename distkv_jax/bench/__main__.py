@@ -10,8 +10,10 @@ import sys
 
 SUBCOMMANDS: dict[str, str] = {
     "attention": "distkv_jax.bench.attention",
+    "capacity": "distkv_jax.bench.capacity",
     "control_plane": "distkv_jax.bench.control_plane",
     "throughput": "distkv_jax.bench.throughput",
+    "workload": "distkv_jax.bench.workload",
 }
 
 

@@ -1,0 +1,181 @@
+"""Longest single request that completes, per mesh and KV policy.
+
+    python -m distkv_jax.bench capacity [--instances=1,2,4,8] [--kv_blocks=20] [--quick]
+
+For each mesh Ix1 (I instances, no tensor parallelism) with --kv_blocks KV
+blocks per instance, and each configuration
+
+  local:            kv_policy="local" (each request confined to its home
+                    instance: per-instance paged serving, vLLM-style)
+  distributed:      kv_policy="distributed" (a request borrows blocks from the
+                    other instances, up to their lending cap)
+  distributed+host: distributed with --host_kv_blocks host blocks per instance
+  local+host:       local with the same host tier
+
+a binary search on the prompt length finds the longest prompt whose request
+completes: one request alone on the engine, greedy, ignore_eos, --max_tokens
+new tokens, and it completes when it finishes with finish_reason "length"
+after generating all its max_tokens (a prompt the engine refuses at
+submission finishes with "error"; one that runs out of KV while generating
+finishes with "length" but fewer tokens). One LLM per (mesh, configuration)
+serves the whole search: after each generate every block is free again
+(checked), so each probe sees a clean engine.
+
+Model: the built-in tiny Llama (hidden 64, 2 layers, 2 KV heads x 16 dims),
+float32, random prompt token ids (fixed seed).
+
+The host tier: a running request's KV must be on device (DistAttention
+attends over device blocks only); the host tier holds the KV of *preempted*
+requests. It adds capacity for many requests at once, not for one request,
+so the expected host-tier line equals the line without it. It is measured,
+not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+from absl import flags
+
+from distkv_jax.mesh import simulate_cpu_devices
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("instances", ["1", "2", "4", "8"], "instance counts I (mesh Ix1)")
+flags.DEFINE_integer("kv_blocks", 20, "device KV blocks per instance")
+flags.DEFINE_integer("host_kv_blocks", 20, "host KV blocks per instance (the +host configurations)")
+flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+flags.DEFINE_integer("max_tokens", 4, "new tokens each probe request must generate")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per instance per step")
+flags.DEFINE_list("configs", ["local", "distributed", "distributed+host", "local+host"],
+                  "configurations to measure")
+flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
+flags.DEFINE_string("output_json", "bench_results/capacity.json", "result file")
+flags.DEFINE_string("output_png", "bench_results/capacity.png", "plot ('' to skip)")
+
+
+def _probe(llm, tokens, n, max_tokens) -> tuple[bool, str, int]:
+    """Run one request with an n-token prompt; (completed, finish_reason, generated)."""
+    from distkv_jax import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    out = llm.generate([tokens[:n]], params)[0]
+    comp = out.outputs[0]
+    free = llm.engine.kv.free_device_blocks()
+    if not (free == llm.engine.layout.blocks_per_instance).all() or llm.engine.has_unfinished():
+        raise RuntimeError(f"engine not clean after a probe: free blocks {free.tolist()}")
+    done = comp.finish_reason == "length" and len(comp.token_ids) == max_tokens
+    return done, comp.finish_reason, len(comp.token_ids)
+
+
+def _search(llm, tokens, hi, max_tokens) -> tuple[int, list]:
+    """Largest n in [0, hi) whose probe completes (0: none), by binary search.
+    Completion is monotone in n: a longer prompt needs at least as much KV."""
+    probes = []
+
+    def ok(n):
+        t0 = time.perf_counter()
+        done, reason, gen = _probe(llm, tokens, n, max_tokens)
+        probes.append({"prompt_tokens": n, "completed": done, "finish_reason": reason,
+                       "generated": gen, "seconds": round(time.perf_counter() - t0, 3)})
+        return done
+
+    if not ok(1):
+        return 0, probes
+    lo = 1                      # completes
+    if ok(hi):
+        raise RuntimeError(f"a {hi}-token prompt completed: raise the search bound")
+    while hi - lo > 1:          # invariant: ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, probes
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.quick:
+        instances, B, H, M, configs = [2], 8, 8, 2, ["local", "distributed", "distributed+host"]
+    else:
+        instances = [int(i) for i in FLAGS.instances]
+        B, H, M, configs = FLAGS.kv_blocks, FLAGS.host_kv_blocks, FLAGS.max_tokens, list(FLAGS.configs)
+    bs = FLAGS.block_size
+    simulate_cpu_devices(max(instances))   # before JAX starts
+    import jax
+
+    from distkv_jax import LLM
+    from distkv_jax.models.tiny import tiny_model_dir
+
+    model = tiny_model_dir()
+    rng = np.random.default_rng(0)
+    longest = max(instances) * (B + H) * bs + bs
+    tokens = rng.integers(3, 512, size=longest).tolist()
+    rows = []
+    for I in instances:
+        for name in configs:
+            policy = name.split("+")[0]
+            host = H if name.endswith("+host") else 0
+            t0 = time.perf_counter()
+            llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=host,
+                      kv_policy=policy, max_num_seqs=4,
+                      max_num_batched_tokens=FLAGS.max_num_batched_tokens)
+            limit = llm.engine.kv.max_request_tokens(0)
+            # Bound: every device and host block of the mesh, plus one block.
+            n, probes = _search(llm, tokens, I * (B + host) * bs + bs, M)
+            row = {"instances": I, "config": name, "kv_policy": policy, "kv_blocks": B,
+                   "host_kv_blocks": host, "longest_prompt": n, "longest_request_tokens": n + M,
+                   # tokens whose KV is cached when the last token is sampled
+                   "kv_tokens_used": n + M - 1, "kv_tokens_device": I * B * bs,
+                   "control_plane_limit_tokens": limit, "probes": probes,
+                   "seconds": round(time.perf_counter() - t0, 2),
+                   "compiled_programs": llm.engine.compiled_programs(),
+                   "stats": dict(llm.engine.stats)}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("probes", "stats")}), flush=True)
+            del llm
+            jax.clear_caches()
+    local = {r["instances"]: r["longest_prompt"] for r in rows if r["config"] == "local"}
+    for r in rows:
+        if r["instances"] in local and local[r["instances"]]:
+            base = local[r["instances"]]
+            r["over_local"] = r["longest_prompt"] / base
+            r["over_local_times_I"] = r["longest_prompt"] / (base * r["instances"])
+    result = {"bench": "capacity", "model": "tiny (hidden 64, 2 layers, 2 KV heads x 16)",
+              "block_size": bs, "kv_blocks_per_instance": B, "host_kv_blocks_per_instance": H,
+              "max_tokens": M, "dtype": "float32", "rows": rows, "devices": len(jax.devices()),
+              "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
+    if FLAGS.output_json:
+        os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
+        with open(FLAGS.output_json, "w") as f:
+            json.dump(result, f, indent=1)
+    if FLAGS.output_png:
+        _plot(rows, instances, FLAGS.output_png)
+
+
+def _plot(rows, instances, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = {"local": "o-", "distributed": "s-", "distributed+host": "x--", "local+host": "+--"}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        pts = [(r["instances"], r["longest_request_tokens"]) for r in rows if r["config"] == name]
+        ax.plot(*zip(*pts), styles.get(name, ".-"), label=name)
+    local = {r["instances"]: r["longest_request_tokens"] for r in rows if r["config"] == "local"}
+    if 1 in local:
+        ax.plot(instances, [local[1] * i for i in instances], ":", color="gray", label="I x local(I=1)")
+    ax.set(xlabel="instances I (mesh Ix1)", ylabel="longest completed request (tokens)",
+           xticks=instances, title="Longest single request")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
