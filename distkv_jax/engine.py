@@ -196,9 +196,13 @@ class Engine:
             ids = self._prompt_ids(prompt)
             t.prompt_ids = ids
             capacity = self.kv.max_request_tokens(0)
+            window = self.cfg.sliding_window
             if len(ids) > capacity:
                 error = (f"prompt has {len(ids)} tokens, more than the {capacity} tokens of KV "
                          f"one request may hold under kv_policy={self.config.kv_policy!r}")
+            elif window is not None and len(ids) > window:
+                error = (f"prompt has {len(ids)} tokens, more than the model's sliding window "
+                         f"({window}), which DistAttention does not implement")
         except ValueError as e:
             error = str(e)
         if error is not None:
@@ -377,6 +381,10 @@ class Engine:
                     t.text = t.text[:at + len(s)] if p.include_stop_str_in_output else t.text[:at]
                     return self._finish(t, "stop", s, changed)
         if p.max_tokens is not None and n >= p.max_tokens:
+            return self._finish(t, "length", None, changed)
+        window = self.cfg.sliding_window
+        if window is not None and len(t.sched.tokens) > window:
+            # the next position would need a sliding-window mask: stop exactly here
             return self._finish(t, "length", None, changed)
 
     def _finish(self, t: _Tracked, reason: str, stop_reason, changed) -> None:

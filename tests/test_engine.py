@@ -225,3 +225,21 @@ def test_kv_blocks_sized_from_memory_and_module_generate():
                                temperature=0.0, ignore_eos=True)
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
     assert outs[1].prompt == "Once upon" and outs[1].outputs[0].text
+
+
+def test_sliding_window_models_stop_at_the_window(tmp_path):
+    """DistAttention attends to the whole context, so a Mistral model with a
+    sliding window generates exactly until the window is full, then stops
+    with "length"; a longer prompt is refused."""
+    path = str(tmp_path / "mistral_window")
+    make_hf_model("mistral", path)
+    import json
+
+    cfg = json.load(open(f"{path}/config.json"))
+    cfg["sliding_window"] = 24
+    json.dump(cfg, open(f"{path}/config.json", "w"))
+    llm = LLM(path, mesh="1x1", block_size=8, kv_blocks=16)
+    outs = llm.generate([[5] * 20, [6] * 30], SamplingParams(temperature=0, max_tokens=50))
+    assert outs[0].outputs[0].finish_reason == "length"
+    assert len(outs[0].outputs[0].token_ids) == 24 + 1 - 20
+    assert outs[1].outputs[0].finish_reason == "error" and "sliding window" in outs[1].error
