@@ -36,6 +36,11 @@ Configurations (same devices, same total KV memory):
                the single instance gets kv_blocks x kv_heads / heads_per_device
                blocks (I x kv_blocks when split).
 
+With --short_only, the distributed configuration also serves the stream
+without its long requests (what local actually serves): the cost of the
+policy itself, apart from the work of the long requests. The runs are
+interleaved (for each rate, every configuration in turn, one LLM each).
+
 Clock: simulated, in engine steps (deterministic). Each iteration adds the
 requests whose arrival step has come, then runs one engine.step(); when the
 engine is idle the clock jumps to the next arrival. Times in seconds come
@@ -213,6 +218,25 @@ def summarize(recs, steps, stats):
     return out
 
 
+def _one_run(llm, name, setup, stream, stream_reqs, rate):
+    t0 = time.perf_counter()
+    recs, steps, stats = run_stream(llm, stream_reqs, rate)
+    run = {"config": name, "stream": stream, "rate": rate, "setup": setup,
+           "per_request_limit_tokens": llm.engine.kv.max_request_tokens(0),
+           "wall_seconds": time.perf_counter() - t0, **summarize(recs, steps, stats),
+           "kv_usage": [s["usage"] for s in steps], "step_clock": [s["clock"] for s in steps],
+           "requests_detail": recs}
+    brief = {k: run[k] for k in ("config", "stream", "rate", "steps", "busy_seconds",
+                                 "compile_steps", "median_step_ms")}
+    for kind in ("short", "long"):
+        if run[kind]["requests"]:
+            brief[kind] = {k: run[kind][k] for k in ("completed", "rejected", "truncated",
+                                                     "output_tok_per_s")}
+    brief["preemptions"] = stats["preemptions"]
+    print(json.dumps(brief), flush=True)
+    return run
+
+
 def _model_dir(tmp, kv_heads):
     from distkv_jax.models.tiny import make_tiny_model
 
@@ -256,34 +280,19 @@ def main(argv) -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_dir(tmp, kvh)
-        for name in FLAGS.configs:
-            setup = setups[name]
-            llm = LLM(model, block_size=bs, **setup)
-            streams = [("mixed", reqs)]
-            if name == "distributed" and FLAGS.short_only:
-                streams.append(("short_only", [r for r in reqs if r["kind"] == "short"]))
-            for rate, (stream, stream_reqs) in ((r, s) for r in rates for s in streams):
-                t0 = time.perf_counter()
-                recs, steps, stats = run_stream(llm, stream_reqs, rate)
-                run = {"config": name, "stream": stream, "rate": rate, "setup": setup,
-                       "per_request_limit_tokens": llm.engine.kv.max_request_tokens(0),
-                       "wall_seconds": time.perf_counter() - t0, **summarize(recs, steps, stats),
-                       "kv_usage": [s["usage"] for s in steps],
-                       "step_clock": [s["clock"] for s in steps]}
-                run["requests_detail"] = recs
-                runs.append(run)
-                brief = {k: run[k] for k in ("config", "stream", "rate", "steps", "busy_seconds",
-                                             "compile_steps", "median_step_ms")}
-                for kind in ("short", "long"):
-                    s = run[kind]
-                    if not s["requests"]:
-                        continue
-                    brief[kind] = {k: s[k] for k in ("completed", "rejected", "truncated",
-                                                     "output_tok_per_s")}
-                brief["preemptions"] = stats["preemptions"]
-                print(json.dumps(brief), flush=True)
-            del llm
-            jax.clear_caches()
+        # One LLM per configuration, kept for the whole benchmark: the runs are
+        # interleaved (for each rate, every configuration in turn) so that a
+        # slow spell of this shared machine does not land on one configuration.
+        llms = {name: LLM(model, block_size=bs, **setups[name]) for name in FLAGS.configs}
+        for rate in rates:
+            for name in FLAGS.configs:
+                llm, setup = llms[name], setups[name]
+                streams = [("mixed", reqs)]
+                if name == "distributed" and FLAGS.short_only:
+                    streams.append(("short_only", [r for r in reqs if r["kind"] == "short"]))
+                for stream, stream_reqs in streams:
+                    runs.append(_one_run(llm, name, setup, stream, stream_reqs, rate))
+        del llms
     comparison = _compare(runs, rates)
     print(json.dumps(comparison), flush=True)
     result = {"bench": "workload", "instances": I, "block_size": bs, "kv_blocks_per_instance": B,
