@@ -33,7 +33,8 @@ import numpy as np
 from absl import flags
 
 from distkv_jax.attention_plan import MAX_RUN, choose_run
-from distkv_jax.bench.memory import median_time, stream_read_bandwidth
+from distkv_jax.bench.common import (median_time, pyplot, save_figure, stream_read_bandwidth,
+                                     write_json)
 from distkv_jax.mesh import simulate_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -233,21 +234,14 @@ def main(argv) -> None:
               "num_kv_heads": Hkv, "head_dim": D, "dtype": "float32", "sequences_per_step": I,
               "rows": rows, "bandwidth": bw, "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
-    if FLAGS.output_json:
-        os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
-        with open(FLAGS.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(FLAGS.output_json, result)
     if FLAGS.output_png:
         _plot(rows, FLAGS.output_png)
 
 
 def _plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     ctx = [r["context"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -261,5 +255,4 @@ def _plot(rows, path):
     ax2.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="bytes between instances per step")
     ax2.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)

@@ -41,6 +41,8 @@ import time
 import numpy as np
 from absl import flags
 
+from distkv_jax.bench.common import pyplot, save_figure, write_json
+
 from distkv_jax.mesh import simulate_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -149,21 +151,14 @@ def main(argv) -> None:
               "block_size": bs, "kv_blocks_per_instance": B, "host_kv_blocks_per_instance": H,
               "max_tokens": M, "dtype": "float32", "rows": rows, "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
-    if FLAGS.output_json:
-        os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
-        with open(FLAGS.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(FLAGS.output_json, result)
     if FLAGS.output_png:
         _plot(rows, instances, FLAGS.output_png)
 
 
 def _plot(rows, instances, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = {"local": "o-", "distributed": "s-", "distributed+host": "x--", "local+host": "+--"}
@@ -177,5 +172,4 @@ def _plot(rows, instances, path):
            xticks=instances, title="Longest single request")
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)

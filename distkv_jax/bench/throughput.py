@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import flags
 
-from distkv_jax.bench.memory import stream_read_bandwidth
+from distkv_jax.bench.common import pyplot, save_figure, stream_read_bandwidth, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("hidden", 512, "model hidden size")
@@ -163,20 +163,14 @@ def main(argv) -> None:
     result = {"bench": "throughput", "model": dims, "params": _param_count(llm.model_config),
               "rows": rows, "bandwidth": bw, "compiled_programs": compiles, "mesh": "1x1",
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
-    if FLAGS.output_json:
-        os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
-        with open(FLAGS.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(FLAGS.output_json, result)
     if FLAGS.output_png:
         _plot(rows, FLAGS.output_png)
 
 
 def _plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     names = [r["workload"] for r in rows]
     x = np.arange(len(rows))
@@ -186,5 +180,4 @@ def _plot(rows, path):
     ax.set(xticks=x, xticklabels=names, ylabel="generated tokens / s")
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)

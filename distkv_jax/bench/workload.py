@@ -67,6 +67,8 @@ import time
 import numpy as np
 from absl import flags
 
+from distkv_jax.bench.common import pyplot, save_figure, write_json
+
 from distkv_jax.mesh import simulate_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -308,10 +310,7 @@ def main(argv) -> None:
               "rates": rates, "clock": "engine steps (simulated); seconds = compile-adjusted step wall time",
               "runs": runs, "comparison": comparison, "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
-    if FLAGS.output_json:
-        os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
-        with open(FLAGS.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(FLAGS.output_json, result)
     if FLAGS.output_png:
         _plot(runs, FLAGS.output_png)
 
@@ -352,12 +351,8 @@ def _compare(runs, rates):
 
 
 def _plot(runs, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     rate = max(r["rate"] for r in runs)
     sel = [r for r in runs if r["rate"] == rate and r["stream"] == "mixed"]
@@ -379,5 +374,4 @@ def _plot(runs, path):
     if axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(ncol=4, fontsize=7, loc="upper right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)

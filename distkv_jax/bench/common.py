@@ -1,7 +1,9 @@
-"""This machine's memory bandwidth, measured two ways (shared by the benchmarks)."""
+"""Shared by the benchmarks: timing, this machine's memory bandwidth, result files."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import numpy as np
@@ -34,3 +36,31 @@ def stream_read_bandwidth(iters: int = 5, gib: float = 1.0) -> dict:
     host.sum()
     numpy_bw = host.nbytes / median_time(lambda: host.sum(), iters)
     return {"xla_stream_read_GBps": xla / 1e9, "numpy_1thread_read_GBps": numpy_bw / 1e9}
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write a result file ('' or None: skip)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def pyplot():
+    """matplotlib.pyplot with a file backend, or None (with a note) when the
+    bench extra is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
