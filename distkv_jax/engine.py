@@ -73,6 +73,8 @@ class _Tracked:
     prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0
     text: str = ""
+    text_tokens: int = 0            # generated tokens that `text` reflects
+    text_final: bool = False        # cut at a stop string: never re-decoded
     finish_reason: str | None = None
     stop_reason: Any = None
     error: str | None = None
@@ -249,14 +251,20 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ step
-    def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs of requests that changed."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one step; returns the outputs of requests that changed (only
+        those that finished, with only_finished: building an output copies
+        the request's tokens and detokenizes, so generate() skips it)."""
         t_start = time.perf_counter()
         plan = self.scheduler.schedule()
         changed: dict[int, _Tracked] = {}
+
+        def emit():
+            return [self._emit(t) for t in changed.values() if t.finished or not only_finished]
+
         if plan is None:
             self._unblock(changed)
-            return [self._emit(t) for t in changed.values()]
+            return emit()
         kvp = plan.kv
         for rid in kvp.too_long:  # reached the most KV the policy allows
             self._finish(self._tracked[rid], "length", None, changed)
@@ -271,7 +279,7 @@ class Engine:
             self.pools = self.copier.swap_in(self.host_pools, self.pools, kvp.swap_in)
             self.stats["swapped_in_blocks"] += len(kvp.swap_in.pairs)
         if not plan.seqs:
-            return [self._emit(t) for t in changed.values()]
+            return emit()
 
         now = time.time()
         for s in plan.seqs:
@@ -300,7 +308,7 @@ class Engine:
         decode = sum(1 for s in plan.seqs if s.count == 1)
         self.step_log.append((sum(s.count for s in plan.seqs) - decode, decode,
                               time.perf_counter() - t_start))
-        return [self._emit(t) for t in changed.values()]
+        return emit()
 
     def _unblock(self, changed) -> None:
         """Nothing could be scheduled although requests remain: the head of the
@@ -367,8 +375,8 @@ class Engine:
         t.metrics.last_token_time = now
         changed[t.sched.rid] = t
         p = t.params
-        if self.tokenizer is not None:
-            t.text = self.tokenizer.decode(t.generated, skip_special_tokens=p.skip_special_tokens)
+        if p.stop:  # stop strings are matched on the text: keep it current
+            self._refresh_text(t)
         n = len(t.generated)
         if n >= p.min_tokens:
             if tok in self.eos_ids and not p.ignore_eos:
@@ -379,6 +387,7 @@ class Engine:
                 at = t.text.find(s)
                 if at >= 0:
                     t.text = t.text[:at + len(s)] if p.include_stop_str_in_output else t.text[:at]
+                    t.text_final = True
                     return self._finish(t, "stop", s, changed)
         if p.max_tokens is not None and n >= p.max_tokens:
             return self._finish(t, "length", None, changed)
@@ -396,7 +405,14 @@ class Engine:
         changed[t.sched.rid if t.sched is not None else -1] = t
 
     # --------------------------------------------------------------- outputs
+    def _refresh_text(self, t: _Tracked) -> None:
+        if self.tokenizer is None or t.text_final or t.text_tokens == len(t.generated):
+            return
+        t.text = self.tokenizer.decode(t.generated, skip_special_tokens=t.params.skip_special_tokens)
+        t.text_tokens = len(t.generated)
+
     def _output(self, t: _Tracked) -> RequestOutput:
+        self._refresh_text(t)
         comp = CompletionOutput(index=0, text=t.text, token_ids=list(t.generated),
                                 cumulative_logprob=t.cumulative_logprob if t.logprobs is not None else None,
                                 logprobs=list(t.logprobs) if t.logprobs is not None else None,

@@ -97,7 +97,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="requests", unit="req")
             bar.update(len(final))
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            for out in self.engine.step(only_finished=True):
                 if out.finished:
                     final[out.request_id] = out
                     if bar is not None:
