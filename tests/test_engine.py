@@ -243,3 +243,17 @@ def test_sliding_window_models_stop_at_the_window(tmp_path):
     assert outs[0].outputs[0].finish_reason == "length"
     assert len(outs[0].outputs[0].token_ids) == 24 + 1 - 20
     assert outs[1].outputs[0].finish_reason == "error" and "sliding window" in outs[1].error
+
+
+def test_bfloat16_engine_runs_on_a_mesh(llama, prompts, reference):
+    """bfloat16 params, pools and compute on 2x4: the greedy continuation stays
+    close to float32 transformers (first tokens equal, logprobs within 0.1)."""
+    path, _ = llama
+    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=8, dtype="bfloat16",
+              max_num_batched_tokens=32)
+    assert llm.engine.pools.k.dtype == np.dtype("bfloat16")
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, logprobs=0))
+    for out, (toks, lps) in zip(outs, reference):
+        comp = out.outputs[0]
+        assert comp.finish_reason == "length" and comp.token_ids[0] == toks[0]
+        assert abs(comp.logprobs[0][toks[0]].logprob - lps[0]) < 0.1
