@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
+
+from .runtime import fail
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face model directory, or 'tiny'")
 _OUTPUT = flags.DEFINE_string("output", None, "orbax checkpoint directory to write")
@@ -32,16 +33,11 @@ _NUM_PROC = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROC_ID = flags.DEFINE_integer("process_id", None, "this process")
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 1
-
-
 def main(argv) -> int:
     if len(argv) > 1:
-        return _fail(f"unexpected arguments {argv[1:]}")
+        return fail(f"unexpected arguments {argv[1:]}")
     if not _MODEL.value or not _OUTPUT.value:
-        return _fail("--model and --output are required")
+        return fail("--model and --output are required")
     import logging
 
     logging.getLogger("jax").setLevel(logging.WARNING)
@@ -55,22 +51,22 @@ def main(argv) -> int:
     try:
         shape = MeshShape.parse(_MESH.value)
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
     src = resolve_model_dir(_MODEL.value)
     config_path = os.path.join(src, "config.json")
     if not os.path.isfile(config_path):
-        return _fail(f"{src} is not a Hugging Face model directory (no config.json)")
+        return fail(f"{src} is not a Hugging Face model directory (no config.json)")
     from .models.checkpoint import is_orbax_checkpoint
 
     if is_orbax_checkpoint(src):
-        return _fail(f"{src} is already an orbax checkpoint")
+        return fail(f"{src} is already an orbax checkpoint")
     out = os.path.abspath(_OUTPUT.value)
     if os.path.abspath(src) == out:
-        return _fail("--output must differ from --model")
+        return fail("--output must differ from --model")
     try:
         info = runtime.setup(shape.size, _COORD.value, _NUM_PROC.value, _PROC_ID.value)
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
 
     from .mesh import make_mesh
     from .models.checkpoint import save_params
@@ -83,7 +79,7 @@ def main(argv) -> int:
     try:
         cfg, params = load_params(src, mesh, _DTYPE.value)
     except (ValueError, OSError, KeyError) as e:
-        return _fail(f"cannot load {src}: {e}")
+        return fail(f"cannot load {src}: {e}")
     save_params(out, params, hf_config=hf_config, tokenizer_dir=src)
     if info.is_main:
         print(f"wrote {out}: {cfg.num_layers} layers, {_DTYPE.value}, mesh {_MESH.value}, "

@@ -43,6 +43,8 @@ from typing import Any, Iterable
 
 from absl import app, flags
 
+from .runtime import fail
+
 from .sampling_params import SamplingParams
 
 _MESH = flags.DEFINE_string("mesh", "1x1", "device mesh IxT (instances x tensor-parallel)")
@@ -423,14 +425,9 @@ def _print_summary(summary: dict) -> None:
           f"steps {summary['steps']}, compiled programs {summary['compiled_programs']}")
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 1
-
-
 def main(argv) -> int:
     if len(argv) > 1:
-        return _fail(f"unexpected arguments {argv[1:]} (flags look like --name=value)")
+        return fail(f"unexpected arguments {argv[1:]} (flags look like --name=value)")
     import logging
 
     logging.getLogger("jax").setLevel(logging.WARNING)  # not the backend probing at INFO
@@ -443,12 +440,12 @@ def main(argv) -> int:
     try:
         shape = MeshShape.parse(_MESH.value)
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
     defaults = _default_sampling()
     try:
         SamplingParams(**defaults)
     except ValueError as e:
-        return _fail(f"default sampling flags: {e}")
+        return fail(f"default sampling flags: {e}")
 
     demo = _INPUT.value is None
     if demo:
@@ -460,7 +457,7 @@ def main(argv) -> int:
             with open(_INPUT.value, "rb") as f:
                 raw = f.read()
         except OSError as e:
-            return _fail(f"cannot read --input_jsonl: {e}")
+            return fail(f"cannot read --input_jsonl: {e}")
         digest = hashlib.sha256(raw).digest()
         text = raw.decode("utf-8", errors="replace")
         entries = parse_input(text.splitlines(), defaults, _SEED.value)
@@ -469,7 +466,7 @@ def main(argv) -> int:
         info = runtime.setup(shape.size, _COORD.value, _NUM_PROC.value, _PROC_ID.value,
                              log=lambda m: _log(m.removeprefix("[distkv] ")))
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
     import numpy as np
 
     if info.num_processes > 1:
@@ -478,7 +475,7 @@ def main(argv) -> int:
         # Every process must see the same requests, or their plans diverge.
         digests = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8).astype(np.int32))
         if not (np.asarray(digests) == np.asarray(digests)[0]).all():
-            return _fail("the processes read different inputs (--input_jsonl must be the same file)")
+            return fail("the processes read different inputs (--input_jsonl must be the same file)")
 
     out_path = _OUTPUT.value
     done = np.zeros(len(entries), np.int32)
@@ -504,7 +501,7 @@ def main(argv) -> int:
                   seed=_SEED.value, max_logprobs=max(20, _LOGPROBS.value or 0),
                   attention_impl=_ATTENTION.value)
     except (ValueError, OSError, FileNotFoundError) as e:
-        return _fail(f"cannot load model {_MODEL.value!r}: {e}")
+        return fail(f"cannot load model {_MODEL.value!r}: {e}")
     if info.is_main:
         _log(f"model {_MODEL.value} on mesh {_MESH.value} ({info.num_processes} process(es)), "
              f"{llm.engine.layout.blocks_per_instance} KV blocks x {_BLOCK_SIZE.value} tokens per "

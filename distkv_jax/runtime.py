@@ -39,6 +39,12 @@ class ProcessInfo:
         return self.process_id == 0
 
 
+def fail(msg: str) -> int:
+    """Report a job-level error on stderr; the exit status for it."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 1
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     if v is None or v == "":
