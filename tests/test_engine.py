@@ -69,24 +69,21 @@ def test_greedy_parity_with_borrowing(llama, prompts, reference, mesh):
     assert (llm.engine.kv.free_device_blocks() == kv_blocks).all()
 
 
-def test_greedy_parity_with_swapping(llama, prompts, reference):
-    """A pool too small for the batch: requests are swapped to host and back."""
+@pytest.mark.parametrize("host_kv_blocks", [16, 0], ids=["swap_to_host", "recompute"])
+def test_greedy_parity_under_preemption(llama, prompts, reference, host_kv_blocks):
+    """A pool too small for the batch: requests are swapped to host and back,
+    or, with no host tier, dropped and recomputed."""
     path, _ = llama
-    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=16,
+    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=host_kv_blocks,
               max_num_batched_tokens=64)
     outs = llm.generate(prompts, GREEDY)
     _check_parity(outs, reference)
     stats = llm.engine.stats
-    assert stats["swapped_out_blocks"] > 0 and stats["swapped_in_blocks"] > 0, stats
-
-
-def test_recompute_when_host_is_full(llama, prompts, reference):
-    path, _ = llama
-    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=0,
-              max_num_batched_tokens=64)
-    outs = llm.generate(prompts, GREEDY)
-    _check_parity(outs, reference)
-    assert llm.engine.stats["preemptions"] > 0
+    assert stats["preemptions"] > 0, stats
+    if host_kv_blocks:
+        assert stats["swapped_out_blocks"] > 0 and stats["swapped_in_blocks"] > 0, stats
+    else:
+        assert stats["swapped_out_blocks"] == 0, stats
 
 
 @pytest.fixture(scope="module")
