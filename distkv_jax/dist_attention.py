@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .attention_plan import AttentionPlan
@@ -53,7 +54,9 @@ class DistMeta(NamedTuple):
 
     @classmethod
     def from_plan(cls, plan: AttentionPlan) -> "DistMeta":
-        return cls(*(jnp.asarray(getattr(plan, f.name)) for f in dataclasses.fields(plan)))
+        # numpy leaves: jit transfers them in its C++ argument path, far cheaper
+        # per step than one jnp.asarray (a dispatched device_put) per field
+        return cls(*(np.asarray(getattr(plan, f.name)) for f in dataclasses.fields(plan)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +136,24 @@ def dist_attention(q, k, v, k_pool, v_pool, layer, meta: DistMeta, *, mesh: Mesh
     pool_spec = cfg.layout.spec
     rep = P()
     work = P(INST, None, None)
+    body = _local_body(cfg)
+    if isinstance(layer, int):  # unrolled layers: a static layer index (static slices)
+        layer_args, layer_specs = (), ()
+
+        def local(q, k, v, k_pool, v_pool, *rest):
+            return body(q, k, v, k_pool, v_pool, layer, *rest)
+    else:
+        layer_args, layer_specs = (jnp.asarray(layer, jnp.int32),), (rep,)
+        local = body
+
     fn = jax.shard_map(
-        _local_body(cfg), mesh=mesh,
-        in_specs=(rows_spec, kv_rows_spec, kv_rows_spec, pool_spec, pool_spec, rep,
-                  rep, rep, rep, work, work, work),
+        local, mesh=mesh,
+        in_specs=(rows_spec, kv_rows_spec, kv_rows_spec, pool_spec, pool_spec) + layer_specs
+        + (rep, rep, rep, work, work, work),
         out_specs=(rows_spec, pool_spec, pool_spec),
         check_vma=False,
     )
-    return fn(q, k, v, k_pool, v_pool, jnp.asarray(layer, jnp.int32), meta.slots, meta.positions,
+    return fn(q, k, v, k_pool, v_pool, *layer_args, meta.slots, meta.positions,
               meta.tile_rows, meta.item_tile, meta.item_block, meta.item_kstart)
 
 

@@ -32,6 +32,7 @@ from .kv_copy import KVCopier
 from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool
 from .kv_types import KVCacheConfig
 from .models.config import ModelConfig
+from .models.llama import unstack_layers
 from .models.loader import resolve_dtype
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .paged_model import paged_forward_fn, pool_layout
@@ -56,6 +57,7 @@ class EngineConfig:
     seed: int = 0
     impl: str = "reference"             # MicroAttention implementation
     kv_memory_fraction: float = 0.9     # of free accelerator memory (CPU: see kv_blocks_from_memory)
+    scan_layers: bool = False           # False: layers unrolled, per-layer weights (faster steps)
 
 
 @dataclasses.dataclass
@@ -111,8 +113,10 @@ def kv_blocks_from_memory(layout: PoolLayout, dtype, cfg: ModelConfig, max_num_s
 class Engine:
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, tokenizer=None,
                  config: EngineConfig = EngineConfig(), dtype: Any = "float32"):
-        self.cfg, self.params, self.mesh, self.tokenizer = cfg, params, mesh, tokenizer
         self.config = config
+        if not config.scan_layers:  # the stacked arrays are dropped: no second copy
+            params = unstack_layers(params, cfg.num_layers)
+        self.cfg, self.params, self.mesh, self.tokenizer = cfg, params, mesh, tokenizer
         self.dtype = resolve_dtype(dtype)
         I = mesh.shape["inst"]
         nb = config.kv_blocks
@@ -152,10 +156,10 @@ class Engine:
 
     # ------------------------------------------------------------ device step
     def _make_step(self):
-        forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.config.impl)
-        num_top = self.config.max_logprobs
+        forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.config.impl,
+                                   scan_layers=self.config.scan_layers)
 
-        def step(params, pools, tokens, positions, meta, logits_index, targets, st):
+        def step(params, pools, tokens, positions, meta, logits_index, targets, st, num_top):
             logits, pools = forward(params, tokens, positions, pools, meta, logits_index)
             logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
             res = sample(logits, st, num_top, self.config.seed)
@@ -164,14 +168,16 @@ class Engine:
             target_rank = 1 + jnp.sum(logp > target_lp[:, None], axis=-1)
             return pools, res, target_lp, target_rank
 
+        # num_top (static): top logprobs per row, 0 when no row of the step
+        # reports them (a top-k over the vocabulary is skipped)
         if jax.process_count() == 1:
-            return jax.jit(step, donate_argnums=(1,))
+            return jax.jit(step, donate_argnums=(1,), static_argnums=(8,))
         # Multi-process mesh: every process reads the sampled tokens back, so
         # the small outputs must be replicated (a sharded output would span
         # devices of other processes). Single-process programs are unchanged.
         pool_sh = NamedSharding(self.mesh, self.layout.spec)
         rep = NamedSharding(self.mesh, P())
-        return jax.jit(step, donate_argnums=(1,),
+        return jax.jit(step, donate_argnums=(1,), static_argnums=(8,),
                        out_shardings=(PagedKVCache(pool_sh, pool_sh), rep, rep, rep))
 
     def compiled_programs(self) -> int:
@@ -289,7 +295,7 @@ class Engine:
         st = self._sampling_tensors(plan.logits_rows)
         self.pools, res, target_lp, target_rank = self._step(
             self.params, self.pools, plan.tokens, plan.positions, DistMeta.from_plan(plan.attention),
-            plan.logits_index, plan.targets, st)
+            plan.logits_index, plan.targets, st, self._num_top(plan.logits_rows))
         res = jax.tree.map(np.asarray, res)
         target_lp, target_rank = np.asarray(target_lp), np.asarray(target_rank)
         self.scheduler.advance(plan)
@@ -318,6 +324,14 @@ class Engine:
             t.error = "request cannot be scheduled with the configured KV capacity"
             self._finish(t, "error", None, changed)
             return
+
+    def _num_top(self, rows: Sequence[LogitsRow | None]) -> int:
+        for row in rows:
+            if row is not None:
+                p = self._tracked[row.request.rid].params
+                if (p.prompt_logprobs if row.target >= 0 else p.logprobs):
+                    return self.config.max_logprobs
+        return 0
 
     def _sampling_tensors(self, rows: Sequence[LogitsRow | None]) -> SamplingTensors:
         params, counters, seeds, bans = [], [], [], []

@@ -27,12 +27,14 @@ def pool_layout(cfg: ModelConfig, mesh: Mesh, blocks_per_instance: int, block_si
 
 
 def paged_forward_fn(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: Any = "float32",
-                     impl: str = "reference", interpret: bool = False):
+                     impl: str = "reference", interpret: bool = False, scan_layers: bool = True):
     """forward(params, tokens, positions, pools, meta, logits_index=None)
-    -> (logits, pools), not yet jitted (the engine wraps it with sampling)."""
+    -> (logits, pools), not yet jitted (the engine wraps it with sampling).
+    scan_layers=False takes per-layer params (models.llama.unstack_layers)."""
     attn_cfg = DistAttentionConfig(layout, cfg.num_heads, 1.0 / math.sqrt(cfg.head_dim),
                                    impl=impl, interpret=interpret)
-    model = LlamaForCausalLM(cfg, make_dist_attention(mesh, attn_cfg), resolve_dtype(dtype))
+    model = LlamaForCausalLM(cfg, make_dist_attention(mesh, attn_cfg), resolve_dtype(dtype),
+                            scan_layers=scan_layers)
     rows = NamedSharding(mesh, P(INST, None))
 
     def forward(params, tokens, positions, pools: PagedKVCache, meta: DistMeta, logits_index=None):

@@ -92,6 +92,11 @@ class LlamaForCausalLM(nn.Module):
     config: ModelConfig
     attention_fn: AttentionFn
     dtype: Any = jnp.float32
+    # True: layers stacked ([L, ...] params) under nn.scan, one compiled body.
+    # False: layers_0 .. layers_{L-1} applied in a Python loop: each layer's
+    # weights are their own arrays, so no per-step copy of a weight slice out
+    # of the stack (XLA:CPU copies it; about a quarter of a decode step).
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, cache, meta, logits_index=None):
@@ -102,15 +107,20 @@ class LlamaForCausalLM(nn.Module):
         inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim), jnp.float32)
         cos, sin = rotary_cos_sin(positions, inv_freq, self.dtype)
 
-        layers = nn.scan(
-            DecoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-        )(cfg, self.attention_fn, self.dtype, name="layers")
-        (h, cache), _ = layers((h, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32),
-                               cos, sin, meta)
+        if self.scan_layers:
+            layers = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+            )(cfg, self.attention_fn, self.dtype, name="layers")
+            (h, cache), _ = layers((h, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32),
+                                   cos, sin, meta)
+        else:
+            for i in range(cfg.num_layers):
+                layer = DecoderLayer(cfg, self.attention_fn, self.dtype, name=f"layers_{i}")
+                (h, cache), _ = layer((h, cache), i, cos, sin, meta)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(h)
         if logits_index is not None:
@@ -120,3 +130,13 @@ class LlamaForCausalLM(nn.Module):
         else:
             logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(h)
         return logits, cache
+
+
+def unstack_layers(params, num_layers: int):
+    """Stacked params (`layers`, leading [L] axis) -> per-layer `layers_i`
+    (the scan_layers=False layout). Each slice keeps its array's sharding."""
+    inner = dict(params["params"])
+    stacked = inner.pop("layers")
+    for i in range(num_layers):
+        inner[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, "params": inner}
