@@ -162,14 +162,17 @@ class Engine:
         def step(params, pools, tokens, positions, meta, logits_index, targets, st, num_top):
             logits, pools = forward(params, tokens, positions, pools, meta, logits_index)
             logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
-            res = sample(logits, st, num_top, self.config.seed)
+            res = sample(logits, st, num_top or 0, self.config.seed, with_logprobs=num_top is not None)
+            if num_top is None:  # no row reports logprobs
+                zeros = jnp.zeros(targets.shape, jnp.float32)
+                return pools, res, zeros, zeros.astype(jnp.int32)
             logp = jax.nn.log_softmax(logits, axis=-1)
             target_lp = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=1)[:, 0]
             target_rank = 1 + jnp.sum(logp > target_lp[:, None], axis=-1)
             return pools, res, target_lp, target_rank
 
-        # num_top (static): top logprobs per row, 0 when no row of the step
-        # reports them (a top-k over the vocabulary is skipped)
+        # num_top (static): top logprobs per row; None when no row of the step
+        # reports logprobs (log-softmax, ranks and top-k are skipped)
         if jax.process_count() == 1:
             return jax.jit(step, donate_argnums=(1,), static_argnums=(8,))
         # Multi-process mesh: every process reads the sampled tokens back, so
@@ -325,13 +328,13 @@ class Engine:
             self._finish(t, "error", None, changed)
             return
 
-    def _num_top(self, rows: Sequence[LogitsRow | None]) -> int:
+    def _num_top(self, rows: Sequence[LogitsRow | None]) -> int | None:
         for row in rows:
             if row is not None:
                 p = self._tracked[row.request.rid].params
-                if (p.prompt_logprobs if row.target >= 0 else p.logprobs):
+                if (p.prompt_logprobs if row.target >= 0 else p.logprobs) is not None:
                     return self.config.max_logprobs
-        return 0
+        return None
 
     def _sampling_tensors(self, rows: Sequence[LogitsRow | None]) -> SamplingTensors:
         params, counters, seeds, bans = [], [], [], []

@@ -162,18 +162,26 @@ def _row_gumbel(base_key, seed, counter, vocab: int):
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
-def sample(logits, st: SamplingTensors, num_top: int, base_key_seed=0) -> SampleResult:
+def _argmax(x):
+    """argmax over the last axis (first index of the maximum), as two plain
+    reductions: XLA:CPU runs them ~3x faster than its (value, index) reduce."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == m, idx, x.shape[-1]), axis=-1).clip(0, x.shape[-1] - 1)
+
+
+def sample(logits, st: SamplingTensors, num_top: int, base_key_seed=0,
+           with_logprobs: bool = True) -> SampleResult:
     """Sample one token per row of ``logits`` [N, V] (see module docstring).
 
     ``num_top`` is static (a Python int >= 0): the number of raw top logprobs
     returned per row. ``base_key_seed`` may be a Python int or a traced int.
+    ``with_logprobs=False`` (static) skips the raw log-softmax: logprobs and
+    ranks come back as zeros (for batches where no row reports them).
     """
     logits = jnp.asarray(logits).astype(jnp.float32)
     n, vocab = logits.shape
     neg_inf = jnp.float32(-jnp.inf)
-
-    # Raw distribution: reported logprobs, top-k, ranks.
-    raw_logp = jax.nn.log_softmax(logits, axis=-1)
 
     # 1. Banned tokens -> -inf (-1 padding is dropped by the scatter).
     banned = jnp.asarray(st.banned, jnp.int32)
@@ -185,7 +193,7 @@ def sample(logits, st: SamplingTensors, num_top: int, base_key_seed=0) -> Sample
     # 2. Greedy.
     temperature = jnp.asarray(st.temperature, jnp.float32)
     greedy = temperature < GREEDY_EPS
-    greedy_tokens = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    greedy_tokens = _argmax(masked)
 
     # Steps 3-6 run only when some row samples (all-greedy batches skip them).
     def draw():
@@ -237,13 +245,18 @@ def sample(logits, st: SamplingTensors, num_top: int, base_key_seed=0) -> Sample
         counter = jnp.asarray(st.counter).astype(jnp.uint32)
         gumbel = jax.vmap(_row_gumbel, in_axes=(None, 0, 0, None))(
             base_key, seed, counter, vocab)
-        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+        return _argmax(filtered + gumbel)
 
     drawn = jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, draw)
 
     tokens = jnp.where(greedy, greedy_tokens, drawn)
 
+    if not with_logprobs:
+        zeros = jnp.zeros((n,), jnp.float32)
+        return SampleResult(tokens, zeros, jnp.zeros((n, 0), jnp.int32),
+                            jnp.zeros((n, 0), jnp.float32), zeros.astype(jnp.int32))
     # Reported values: raw distribution.
+    raw_logp = jax.nn.log_softmax(logits, axis=-1)
     chosen_lp = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)[:, 0]
     ranks = jnp.sum(raw_logp >= chosen_lp[:, None], axis=-1).astype(jnp.int32)
     if num_top > 0:

@@ -62,7 +62,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64            # per instance
     max_tokens_per_step: int = 256    # rows per instance per step
     prefill_q_tile: int = 8           # query tile for steps with prefill chunks
-    run_choices: tuple[int, ...] = (1, 16)
+    run_choices: tuple[int, ...] = (4, 16)
     min_rows: int = 8
     watermark_blocks: int = 1         # free blocks kept when admitting new requests
 

@@ -81,7 +81,9 @@ def merge_axis(o, lse, axis: int = 0):
 # --------------------------------------------------------------------------
 # per-run partials: reference
 
-SCAN_STEP_BYTES = 8 << 20  # KV gathered per scan step: bounded, to stay in cache
+SCAN_STEP_BYTES = 2 << 20  # KV gathered per scan step: bounded, to stay in cache
+MIN_SCAN_STEPS = 8         # at least this many steps (when there are as many runs), so that
+                           # skipping padding-only steps trims the bucket padding finely
 
 
 def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart, scale,
@@ -164,7 +166,8 @@ def run_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block, it
     """
     num_runs = item_tile.shape[0] // run
     block_bytes = 2 * k_pages.dtype.itemsize * math.prod(k_pages.shape[1:3]) * q.shape[-1]
-    per_step = max(1, min(num_runs, SCAN_STEP_BYTES // (block_bytes * run)))
+    per_step = max(1, min(num_runs, SCAN_STEP_BYTES // (block_bytes * run),
+                          -(-num_runs // MIN_SCAN_STEPS)))
     steps = -(-num_runs // per_step)
     extra = steps * per_step - num_runs
     tiles = item_tile.reshape(num_runs, run)[:, 0]
@@ -180,13 +183,21 @@ def run_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block, it
     whole_heads = (isinstance(kv_head_offset, int) and kv_head_offset == 0
                    and q.shape[2] == k_pages.shape[2])
 
-    def body(_, x):
+    def partials(x):
         if q.shape[1] == 1 and whole_heads:
-            return None, _runs_partials_decode(q, q_pos, k_pages, v_pages, *x, scale)
-        return None, _runs_partials(q, q_pos, k_pages, v_pages, *x, scale, kv_head_offset)
+            return _runs_partials_decode(q, q_pos, k_pages, v_pages, *x, scale)
+        return _runs_partials(q, q_pos, k_pages, v_pages, *x, scale, kv_head_offset)
+
+    def body(_, x):
+        # The plan pads each instance's work list at its end (bucketed run
+        # count): steps holding only padding are skipped at run time.
+        def empty():
+            shape = (per_step,) + q.shape[1:]
+            return (jnp.zeros(shape, jnp.float32), jnp.full(shape[:-1], NEG_INF, jnp.float32))
+        return None, jax.lax.cond(jnp.any(x[0] < q.shape[0]), partials, lambda _: empty(), x)
 
     if steps == 1:  # the whole work list fits one step: no loop to pay for
-        o, lse = body(None, tuple(x[0] for x in xs))[1]
+        o, lse = partials(tuple(x[0] for x in xs))
         return o[:num_runs], lse[:num_runs]
     _, (o, lse) = jax.lax.scan(body, None, xs)
     o = o.reshape((-1,) + o.shape[2:])[:num_runs]
