@@ -39,7 +39,7 @@ from .paged_model import paged_forward_fn, pool_layout
 from .sampling import SamplingTensors, make_sampling_tensors, sample
 from .sampling_params import SamplingParams
 from .attention_plan import bucket
-from .scheduler import FINISHED, LogitsRow, Request, Scheduler, SchedulerConfig
+from .scheduler import FINISHED, LogitsRow, Request, Scheduler, SchedulerConfig, StepPlan
 
 MIN_BANNED = 8  # banned-token columns (more only when a request bans more)
 _GREEDY_ROW = {"temperature": 0.0}
@@ -58,6 +58,15 @@ class EngineConfig:
     impl: str = "reference"             # MicroAttention implementation
     kv_memory_fraction: float = 0.9     # of free accelerator memory (CPU: see kv_blocks_from_memory)
     scan_layers: bool = False           # False: layers unrolled, per-layer weights (faster steps)
+    overlap_steps: bool = True          # plan step n+1 while step n runs (see Engine.step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step: its plan and its (device) results."""
+
+    plan: Any
+    result: Any  # (SampleResult, target logprobs, target ranks)
 
 
 @dataclasses.dataclass
@@ -146,6 +155,9 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self._step = self._make_step()
+        self._feed_tokens = jax.jit(
+            lambda tokens, src, prev: jnp.where(src >= 0, prev[jnp.maximum(src, 0)], tokens))
+        self._inflight: _InFlight | None = None
         self._tracked: dict[int, _Tracked] = {}
         self._next_rid = 0
         # (prefill rows, decode rows, seconds) of every step that ran the model
@@ -248,7 +260,7 @@ class Engine:
         return ids
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def take_finished_errors(self) -> list[RequestOutput]:
         """Requests refused at submission (they never reach the scheduler)."""
@@ -263,20 +275,32 @@ class Engine:
     def step(self, only_finished: bool = False) -> list[RequestOutput]:
         """Run one step; returns the outputs of requests that changed (only
         those that finished, with only_finished: building an output copies
-        the request's tokens and detokenizes, so generate() skips it)."""
+        the request's tokens and detokenizes, so generate() skips it).
+
+        With overlap_steps (the default) a step is planned and dispatched
+        while the previous one still runs on the device, and the previous
+        step's tokens are read back and handled after that: the host's
+        planning hides behind the device's work. Tokens sampled by the step
+        in flight reach the next step on the device (Request.pending). A
+        request that stops on such a token has computed one row too many;
+        that row is dropped. Outputs are the same as without overlap; they
+        come back one step() call later.
+        """
         t_start = time.perf_counter()
-        plan = self.scheduler.schedule()
         changed: dict[int, _Tracked] = {}
 
         def emit():
             return [self._emit(t) for t in changed.values() if t.finished or not only_finished]
 
+        prev, self._inflight = self._inflight, None
+        plan = self.scheduler.schedule()
         if plan is None:
-            self._unblock(changed)
+            if prev is not None:
+                self._process(prev, changed)
+            else:
+                self._unblock(changed)
             return emit()
         kvp = plan.kv
-        for rid in kvp.too_long:  # reached the most KV the policy allows
-            self._finish(self._tracked[rid], "length", None, changed)
         self.stats["preemptions"] += len(kvp.preempted)
         if kvp.moves.pairs:
             self.pools = self.copier.move(self.pools, kvp.moves)
@@ -287,37 +311,80 @@ class Engine:
         if kvp.swap_in.pairs:
             self.pools = self.copier.swap_in(self.host_pools, self.pools, kvp.swap_in)
             self.stats["swapped_in_blocks"] += len(kvp.swap_in.pairs)
-        if not plan.seqs:
-            return emit()
 
+        current = None
+        if plan.seqs:
+            current = self._dispatch(plan, prev)
+        if prev is not None:
+            self._process(prev, changed)
+        for rid in kvp.too_long:  # reached the most KV the policy allows
+            t = self._tracked.get(rid)
+            if t is not None and not t.finished:
+                self._finish(t, "length", None, changed)
+        if current is not None:
+            self._mark_pending(current)
+            if self.config.overlap_steps:
+                self._inflight = current
+            else:
+                self._process(current, changed)
+            decode = sum(1 for s in plan.seqs if s.count == 1)
+            self.step_log.append((sum(s.count for s in plan.seqs) - decode, decode,
+                                  time.perf_counter() - t_start))
+        return emit()
+
+    def _dispatch(self, plan: StepPlan, prev: "_InFlight | None") -> "_InFlight":
+        """Launch the step (asynchronously: nothing is read back here)."""
         now = time.time()
         for s in plan.seqs:
             t = self._tracked[s.request.rid]
             if t.metrics.first_scheduled_time is None:
                 t.metrics.first_scheduled_time = now
+        tokens = plan.tokens
+        if plan.token_src is not None:  # pending tokens: taken from the step in flight
+            tokens = self._feed_tokens(tokens, plan.token_src, prev.result[0].tokens)
         st = self._sampling_tensors(plan.logits_rows)
-        self.pools, res, target_lp, target_rank = self._step(
-            self.params, self.pools, plan.tokens, plan.positions, DistMeta.from_plan(plan.attention),
+        self.pools, *result = self._step(
+            self.params, self.pools, tokens, plan.positions, DistMeta.from_plan(plan.attention),
             plan.logits_index, plan.targets, st, self._num_top(plan.logits_rows))
-        res = jax.tree.map(np.asarray, res)
-        target_lp, target_rank = np.asarray(target_lp), np.asarray(target_rank)
         self.scheduler.advance(plan)
         self.stats["steps"] += 1
         self.stats["max_remote_blocks"] = max(self.stats["max_remote_blocks"],
                                               int(self.kv.ledger().sum()))
+        return _InFlight(plan, result)
+
+    def _mark_pending(self, step: "_InFlight") -> None:
+        """The step's sampled tokens are pending until it is processed; a
+        request whose pending token is its last gets nothing more scheduled."""
+        for k, row in enumerate(step.plan.logits_rows):
+            if row is None or row.target >= 0:
+                continue
+            t = self._tracked.get(row.request.rid)
+            if t is None or t.finished:
+                continue
+            r = t.sched
+            r.pending, r.pending_row = 1, k
+            p, n = t.params, len(t.generated) + 1
+            window = self.cfg.sliding_window
+            r.hold = ((p.max_tokens is not None and n >= p.max_tokens)
+                      or (window is not None and len(r.tokens) + 1 > window))
+
+    def _process(self, step: "_InFlight", changed) -> None:
+        """Read the step's results back and apply them."""
+        res, target_lp, target_rank = step.result
+        res = jax.tree.map(np.asarray, res)
+        target_lp, target_rank = np.asarray(target_lp), np.asarray(target_rank)
         now = time.time()
-        for k, row in enumerate(plan.logits_rows):
+        for k, row in enumerate(step.plan.logits_rows):
             if row is None:
                 continue
-            t = self._tracked[row.request.rid]
+            t = self._tracked.get(row.request.rid)
+            if t is None or t.finished:  # stopped earlier: the row is dropped
+                continue
             if row.target >= 0:
                 self._record_prompt_logprob(t, row, k, res, target_lp, target_rank)
             else:
+                t.sched.pending, t.sched.pending_row = 0, -1
                 self._append_token(t, k, res, now, changed)
-        decode = sum(1 for s in plan.seqs if s.count == 1)
-        self.step_log.append((sum(s.count for s in plan.seqs) - decode, decode,
-                              time.perf_counter() - t_start))
-        return emit()
 
     def _unblock(self, changed) -> None:
         """Nothing could be scheduled although requests remain: the head of the
@@ -348,11 +415,12 @@ class Engine:
             t = self._tracked[row.request.rid]
             p = t.params
             params.append(p)
-            counters.append(len(t.generated))
+            generated = len(t.generated) + t.sched.pending  # a pending token counts
+            counters.append(generated)
             seeds.append(t.seed)
             # EOS and stop ids wait until min_tokens is reached
             bans.append(sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids))
-                        if len(t.generated) < p.min_tokens else None)
+                        if generated < p.min_tokens else None)
         width = bucket(max((len(b) for b in bans if b), default=0), MIN_BANNED)
         return make_sampling_tensors(params, counters, bans, seeds=seeds, banned_width=width)
 

@@ -48,10 +48,21 @@ class Request:
     num_computed: int = 0           # tokens whose KV is cached
     prompt_logprobs_done: int = 1   # prompt positions whose logprob is recorded (first has none)
     preemptions: int = 0
+    # Overlapped steps: a token sampled by the step in flight is not in
+    # `tokens` yet; its position can already be scheduled, and the step then
+    # reads the token from that step's output row `pending_row`.
+    pending: int = 0
+    pending_row: int = -1
+    hold: bool = False              # the pending token is its last: schedule nothing more
+
+    @property
+    def length(self) -> int:
+        """Stream length, counting a pending token."""
+        return len(self.tokens) + self.pending
 
     @property
     def remaining(self) -> int:
-        return len(self.tokens) - self.num_computed
+        return self.length - self.num_computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +106,9 @@ class StepPlan:
     logits_rows: tuple[LogitsRow | None, ...]  # [I * S], None for padding
     seqs: tuple[ScheduledSeq, ...]
     kv: StepKVPlan
+    # [I, T] int32: row of the previous step's sampled tokens that feeds this
+    # row (a pending token), -1 where `tokens` holds it; None: no such row
+    token_src: np.ndarray | None = None
 
     @property
     def shape_key(self) -> tuple:
@@ -152,7 +166,7 @@ class Scheduler:
                 rows_left[r.instance] -= n
                 demands.append((r, n))
 
-        running = self._by_state(RUNNING)
+        running = [r for r in self._by_state(RUNNING) if not r.hold]
         for r in running:                       # decodes first: one row each
             if r.remaining == 1:
                 take(r, 1)
@@ -161,7 +175,8 @@ class Scheduler:
                 take(r, r.remaining)
         swapped = self._by_state(SWAPPED)
         for r in swapped:
-            take(r, r.remaining)
+            if not r.hold:
+                take(r, r.remaining)
         if not swapped:
             for r in self._by_state(WAITING):
                 inst = self._choose_instance(load, rows_left)
@@ -210,11 +225,17 @@ class Scheduler:
         I = cfg.num_instances
         T = bucket(max(rows_used), cfg.min_rows)
         tokens = np.zeros((I, T), np.int32)
+        token_src = None
         queries = []
         logits: list[list[tuple[int, LogitsRow]]] = [[] for _ in range(I)]
         for s in seqs:
             r = s.request
-            tokens[s.instance, s.row:s.row + s.count] = r.tokens[s.start:s.start + s.count]
+            known = min(s.start + s.count, len(r.tokens)) - s.start
+            tokens[s.instance, s.row:s.row + known] = r.tokens[s.start:s.start + known]
+            if known < s.count:  # the chunk ends with the pending token
+                if token_src is None:
+                    token_src = np.full((I, T), -1, np.int32)
+                token_src[s.instance, s.row + known] = r.pending_row
             queries.append(SeqQuery(s.instance, s.row, range(s.start, s.start + s.count),
                                     self.kv.block_ids(r.rid)))
             if r.wants_prompt_logprobs:
@@ -222,7 +243,7 @@ class Scheduler:
                 for p in range(first, min(s.start + s.count, r.prompt_len - 1)):
                     logits[s.instance].append((s.row + p - s.start,
                                                LogitsRow(r, p, r.tokens[p + 1])))
-            if s.start + s.count == len(r.tokens):
+            if s.start + s.count == r.length:
                 logits[s.instance].append((s.row + s.count - 1,
                                            LogitsRow(r, s.start + s.count - 1, -1)))
         q_tile = 1 if all(s.count == 1 for s in seqs) else cfg.prefill_q_tile
@@ -239,7 +260,7 @@ class Scheduler:
                 rows[i * S + k] = lr
         positions = np.maximum(attention.positions, 0).reshape(I, T)
         return StepPlan(tokens, positions, attention, logits_index, targets, tuple(rows),
-                        tuple(seqs), kv_plan)
+                        tuple(seqs), kv_plan, token_src)
 
     def advance(self, plan: StepPlan) -> None:
         """Record that the step's chunks are now cached."""

@@ -254,3 +254,54 @@ def test_bfloat16_engine_runs_on_a_mesh(llama, prompts, reference):
         comp = out.outputs[0]
         assert comp.finish_reason == "length" and comp.token_ids[0] == toks[0]
         assert abs(comp.logprobs[0][toks[0]].logprob - lps[0]) < 0.1
+
+
+def test_overlapped_steps_match_sequential_steps(llama):
+    """Planning step n+1 while step n runs (tokens handed over on the device,
+    one row computed past a stop) gives exactly the outputs of sequential
+    steps: stop ids, min_tokens, seeded sampling, logprobs, prompt logprobs,
+    and a pool small enough that requests are preempted and recomputed."""
+    import dataclasses
+
+    path, _ = llama
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (5, 30, 17, 44, 2, 23, 9)]
+    greedy = LLM(path, mesh="1x1", block_size=8, kv_blocks=64).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    stop_ids = [o.outputs[0].token_ids[3] for o in greedy]  # each greedy request stops early
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_ids[0]], logprobs=2),
+        SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=12, min_tokens=6, stop_token_ids=[stop_ids[2]]),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=4, max_tokens=14, ignore_eos=True,
+                       prompt_logprobs=1),
+        SamplingParams(temperature=0, max_tokens=1),
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_ids[5]]),
+        SamplingParams(temperature=0.7, min_p=0.05, seed=5, max_tokens=7, logprobs=0),
+    ]
+    results = {}
+    for overlap in (True, False):
+        llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, max_num_batched_tokens=32)
+        llm.engine.config = dataclasses.replace(llm.engine.config, overlap_steps=overlap)
+        outs = llm.generate(prompts, params)
+        assert llm.engine.stats["preemptions"] > 0
+        assert (llm.engine.kv.free_device_blocks() == 6).all()  # every block came back
+        results[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                             o.outputs[0].stop_reason, _flat_logprobs(o)) for o in outs]
+    for a, b in zip(results[True], results[False]):
+        assert a[:3] == b[:3]
+        assert [k for k, _ in a[3]] == [k for k, _ in b[3]]
+        np.testing.assert_allclose([v for _, v in a[3]], [v for _, v in b[3]], atol=1e-5)
+    reasons = [r[1] for r in results[True]]
+    assert reasons[0] == reasons[5] == "stop" and reasons[1] == reasons[3] == "length"
+    assert len(results[True][2][0]) >= 6
+
+
+def _flat_logprobs(out):
+    """[(position kind, token, rank), logprob] of every reported logprob."""
+    flat = []
+    for kind, seq in (("gen", out.outputs[0].logprobs), ("prompt", out.prompt_logprobs)):
+        for i, d in enumerate(seq or ()):
+            for tok, lp in sorted((d or {}).items()):
+                flat.append(((kind, i, tok, lp.rank), lp.logprob))
+    return flat
