@@ -77,6 +77,8 @@ CASES = [
     ([37, 5, 64], [1, 1, 1], 8, 2, 2, 16, 1, 4),      # decode, runs of 4 blocks
     ([37, 16, 50], [9, 16, 3], 16, 2, 1, 8, 4, 2),    # chunked prefill, MHA
     ([1, 33], [1, 33], 8, 1, 4, 16, 8, 1),            # whole prompt, MQA
+    ([37, 5, 64], [1, 1, 1], 8, 4, 2, 16, 1, 2),      # decode, 4 KV heads: the all-heads product
+    ([37, 5, 64], [1, 1, 1], 8, 8, 4, 16, 1, 2),      # decode, 8 KV heads: per-head products
 ]
 
 
