@@ -142,17 +142,21 @@ def _runs_partials_decode(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_
     qs = q[tile, 0].astype(jnp.float32).reshape(num_runs, rows, head_dim)        # [S, (h, g), D]
     kw = k_pages[run_blocks].reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
     vw = v_pages[run_blocks].reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
-    s = jnp.einsum("smd,skd->smk", qs, kw).reshape(num_runs, num_kv, groups, n, num_kv) * scale
+    s = jnp.einsum("smd,skd->smk", qs, kw) * scale                             # [S, (h, g), (n, h')]
     kpos = (run_kstart[:, :, None] + jnp.arange(block_size, dtype=jnp.int32)).reshape(num_runs, n)
     visible = (kpos <= q_pos[tile, 0][:, None]) & valid[:, None]                 # [S, n]
-    same_head = jnp.eye(num_kv, dtype=bool)                                    # [h, h']
-    keep = visible[:, None, None, :, None] & same_head[None, :, None, None, :]
-    s = jnp.where(keep, s, NEG_INF)
-    m_safe = _safe_max(jnp.max(s, axis=(3, 4)))                                # [S, h, g]
-    p = jnp.exp(s - m_safe[..., None, None])                                   # masked -> 0
-    l = jnp.sum(p, axis=(3, 4))
-    o_sum = jnp.einsum("smk,skd->smd", p.reshape(num_runs, rows, n * num_kv), vw)
-    o, lse = _finish(o_sum.reshape(num_runs, num_kv, groups, head_dim), l, m_safe)
+    visible = jnp.broadcast_to(visible[:, :, None], (num_runs, n, num_kv)).reshape(num_runs, 1, -1)
+    # h' != h: a constant additive -inf (3-D, minor-axis reductions: cheap on CPU)
+    other_head = ~jnp.eye(num_kv, dtype=bool)[:, None, None, :]                # [h, 1, 1, h']
+    head_bias = jnp.where(jnp.broadcast_to(other_head, (num_kv, groups, n, num_kv)),
+                          NEG_INF, 0.0).reshape(rows, n * num_kv)
+    s = jnp.where(visible, s + head_bias, NEG_INF)
+    m_safe = _safe_max(jnp.max(s, axis=-1))                                     # [S, (h, g)]
+    p = jnp.exp(s - m_safe[..., None])                                          # masked -> 0
+    l = jnp.sum(p, axis=-1)
+    o, lse = _finish(jnp.einsum("smk,skd->smd", p, vw), l, m_safe)
+    o = o.reshape(num_runs, num_kv, groups, head_dim)
+    lse = lse.reshape(num_runs, num_kv, groups)
     return o[:, None], lse[:, None]
 
 
