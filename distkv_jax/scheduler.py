@@ -24,7 +24,6 @@ decode and recompute after preemption are all this one case.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 
@@ -161,10 +160,19 @@ class Scheduler:
         demands: list[tuple[Request, int]] = []
 
         def take(r: Request, n: int) -> None:
-            n = min(n, rows_left[r.instance])
-            if n > 0:
-                rows_left[r.instance] -= n
-                demands.append((r, n))
+            # A chunk uses its instance's row budget first, then other
+            # instances' spare rows (rows are placed after KV planning,
+            # spread over instances: see _place_rows).
+            n = min(n, cfg.max_tokens_per_step, sum(rows_left))
+            if n <= 0:
+                return
+            demands.append((r, n))
+            order = [r.instance] + sorted((i for i in range(I) if i != r.instance),
+                                          key=lambda i: (-rows_left[i], i))
+            for i in order:
+                used = min(n, rows_left[i])
+                rows_left[i] -= used
+                n -= used
 
         running = [r for r in self._by_state(RUNNING) if not r.hold]
         for r in running:                       # decodes first: one row each
@@ -206,19 +214,55 @@ class Scheduler:
         for rid in kv_plan.swapped_in:
             self.requests[rid].state = RUNNING
 
-        rows_used = [0] * I
-        seqs = []
         for rid, start, n in kv_plan.scheduled:
             r = self.requests[rid]
             assert start == r.num_computed, (rid, start, r.num_computed)
-            seqs.append(ScheduledSeq(r, r.instance, rows_used[r.instance], start, n))
-            rows_used[r.instance] += n
+        seqs, rows_used = self._place_rows(kv_plan.scheduled)
         if not seqs:
             # Nothing could run (e.g. everything preempted or too long): let the
             # caller settle the too_long requests and try again.
             return StepPlan(np.zeros((I, 0), np.int32), np.zeros((I, 0), np.int32), None,
                             np.zeros((I, 0), np.int32), np.zeros(0, np.int32), (), (), kv_plan)
         return self._arrays(seqs, rows_used, kv_plan)
+
+    def _place_rows(self, scheduled) -> tuple[list[ScheduledSeq], list[int]]:
+        """Rows for the step's chunks, balanced over instances.
+
+        The step is one SPMD program: every instance computes T rows, T the
+        bucketed maximum over instances. A request's rows need not sit on its
+        own instance (its KV slots and blocks may be anywhere; a row's
+        attention output returns to the row's instance), so a long prefill
+        chunk is split into consecutive pieces on instances with spare rows
+        instead of padding every instance to the chunk's length. Rows go to
+        the request's own instance first, then to the instance with the most
+        free rows (ties: lowest id). T is the smallest bucket that fits.
+        """
+        cfg = self.config
+        I = cfg.num_instances
+        total = sum(n for _, _, n in scheduled)
+        T = bucket(-(-total // I), cfg.min_rows)
+        while True:
+            free = [T] * I
+            seqs: list[ScheduledSeq] = []
+            ok = True
+            for rid, start, n in scheduled:
+                r = self.requests[rid]
+                pos = start
+                while n > 0:
+                    i = r.instance if free[r.instance] > 0 else max(range(I), key=lambda j: (free[j], -j))
+                    take = min(n, free[i])
+                    if take == 0:
+                        ok = False
+                        break
+                    seqs.append(ScheduledSeq(r, i, T - free[i], pos, take))
+                    free[i] -= take
+                    pos += take
+                    n -= take
+                if not ok:
+                    break
+            if ok:
+                return seqs, [T - f for f in free]
+            T *= 2
 
     def _arrays(self, seqs: list[ScheduledSeq], rows_used: list[int], kv_plan: StepKVPlan) -> StepPlan:
         cfg = self.config
@@ -265,7 +309,7 @@ class Scheduler:
     def advance(self, plan: StepPlan) -> None:
         """Record that the step's chunks are now cached."""
         for s in plan.seqs:
-            s.request.num_computed = s.start + s.count
+            s.request.num_computed = max(s.request.num_computed, s.start + s.count)
 
     @staticmethod
     def record_prompt_logprob(row: LogitsRow) -> None:

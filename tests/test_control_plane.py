@@ -396,3 +396,36 @@ def test_bench_control_plane_subcommand(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distkv_jax.bench", "nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "control_plane" in bad.stderr
+
+
+def test_scheduler_spreads_a_long_chunk_over_instances():
+    """A long prefill chunk is split into consecutive pieces on instances with
+    spare rows, so the step's rows per instance (T) stay near the average
+    instead of every instance padding to the chunk's length."""
+    from distkv_jax.scheduler import Request, Scheduler, SchedulerConfig
+
+    I, bs = 4, 4
+    kv = KVCacheManager(KVCacheConfig(I, 64, block_size=bs))
+    sched = Scheduler(SchedulerConfig(I, bs, 64, max_tokens_per_step=64, min_rows=8), kv)
+    long = Request(0, list(range(3, 3 + 100)), 100)
+    shorts = [Request(k, [5, 6, 7], 3) for k in range(1, 4)]
+    for r in [long] + shorts:
+        sched.add(r)
+    plan = sched.schedule()
+    rows = plan.tokens.shape[1]
+    assert rows == 32  # 64 + 3 * 3 = 73 rows over 4 instances -> bucket 32, not 64
+    pieces = sorted((s.start, s.count, s.instance, s.row) for s in plan.seqs if s.request is long)
+    assert len({p[2] for p in pieces}) > 1  # on more than one instance
+    assert [p[0] for p in pieces] == [0] + list(np.cumsum([p[1] for p in pieces])[:-1])
+    assert sum(p[1] for p in pieces) == 64  # the whole chunk, in order
+    used = set()
+    for s in plan.seqs:  # no row holds two tokens
+        cells = {(s.instance, s.row + j) for j in range(s.count)}
+        assert not cells & used and all(row < rows for _, row in cells)
+        used |= cells
+        np.testing.assert_array_equal(plan.tokens[s.instance, s.row:s.row + s.count],
+                                      s.request.tokens[s.start:s.start + s.count])
+        np.testing.assert_array_equal(plan.positions[s.instance, s.row:s.row + s.count],
+                                      np.arange(s.start, s.start + s.count))
+    sched.advance(plan)
+    assert long.num_computed == 64
