@@ -58,6 +58,7 @@ parallelism over 8 splits the KV heads as in Llama-3-8B on 8 GPUs), float32.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -159,7 +160,7 @@ def run_stream(llm, reqs, rate):
             finish(out, len(steps) - 1)
         if not eng.has_unfinished():
             continue
-        c0, g0, p0 = eng.compiled_programs(), eng.stats["generation_tokens"], eng.stats["prompt_tokens"]
+        c0, g0 = eng.compiled_programs(), eng.stats["generation_tokens"]
         t0 = time.perf_counter()
         outs = eng.step()
         dt = time.perf_counter() - t0
@@ -287,6 +288,11 @@ def main(argv) -> None:
         # slow spell of this shared machine does not land on one configuration.
         llms = {name: LLM(model, block_size=bs, **setups[name]) for name in FLAGS.configs}
         for rate in rates:
+            # Drop compiled programs between rates: XLA:CPU maps each program's
+            # code into many memory mappings, and a process may hold at most
+            # vm.max_map_count (65530) of them. Recompiles count as compile steps.
+            jax.clear_caches()
+            gc.collect()
             for name in FLAGS.configs:
                 llm, setup = llms[name], setups[name]
                 streams = [("mixed", reqs)]
