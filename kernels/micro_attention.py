@@ -82,7 +82,7 @@ def merge_axis(o, lse, axis: int = 0):
 # per-run partials: reference
 
 SCAN_STEP_BYTES = 2 << 20  # KV gathered per scan step: bounded, to stay in cache
-MIN_SCAN_STEPS = 8         # at least this many steps (when there are as many runs), so that
+MIN_SCAN_STEPS = 4         # at least this many steps (when there are as many runs), so that
                            # skipping padding-only steps trims the bucket padding finely
 
 
