@@ -86,6 +86,15 @@ MIN_SCAN_STEPS = 4         # at least this many steps (when there are as many ru
                            # skipping padding-only steps trims the bucket padding finely
 
 
+def _run_keys(run_tile, run_kstart, n_tiles: int, block_size: int):
+    """Per run: is it real (not padding), its tile (clamped), and the key
+    position of each of its run * block_size slots [S, n]."""
+    valid = run_tile < n_tiles
+    tile = jnp.minimum(run_tile, n_tiles - 1)
+    kpos = (run_kstart[:, :, None] + jnp.arange(block_size, dtype=jnp.int32)).reshape(run_kstart.shape[0], -1)
+    return valid, tile, kpos
+
+
 def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart, scale,
                    kv_head_offset):
     """Partials of a batch of runs: run_tile [S], run_blocks/run_kstart [S, run].
@@ -99,8 +108,7 @@ def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart,
     num_runs, run = run_blocks.shape
     rows = q_tile * groups
     n = run * block_size
-    valid = run_tile < n_tiles
-    tile = jnp.minimum(run_tile, n_tiles - 1)
+    valid, tile, kpos = _run_keys(run_tile, run_kstart, n_tiles, block_size)
     qs = q[tile].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(num_runs, num_kv, rows, head_dim)
     pos = jnp.repeat(q_pos[tile], groups, axis=1)                       # [S, M], row order (q, g)
     kw, vw = k_pages[run_blocks], v_pages[run_blocks]                  # [S, run, bs, Hs, D]
@@ -110,7 +118,6 @@ def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart,
     kw = kw.reshape(num_runs, n, num_kv, head_dim).transpose(0, 2, 1, 3).astype(jnp.float32)
     vw = vw.reshape(num_runs, n, num_kv, head_dim).transpose(0, 2, 1, 3).astype(jnp.float32)
     s = jnp.einsum("shmd,shnd->shmn", qs, kw) * scale                   # [S, Hkv, M, N]
-    kpos = (run_kstart[:, :, None] + jnp.arange(block_size, dtype=jnp.int32)).reshape(num_runs, n)
     visible = (kpos[:, None, :] <= pos[:, :, None]) & valid[:, None, None]  # [S, M, N]
     s = jnp.where(visible[:, None], s, NEG_INF)
     m_safe = _safe_max(jnp.max(s, axis=-1))
@@ -137,13 +144,11 @@ def _runs_partials_decode(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_
     num_runs, run = run_blocks.shape
     n = run * block_size
     rows = num_kv * groups
-    valid = run_tile < n_tiles
-    tile = jnp.minimum(run_tile, n_tiles - 1)
+    valid, tile, kpos = _run_keys(run_tile, run_kstart, n_tiles, block_size)
     qs = q[tile, 0].astype(jnp.float32).reshape(num_runs, rows, head_dim)        # [S, (h, g), D]
     kw = k_pages[run_blocks].reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
     vw = v_pages[run_blocks].reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
     s = jnp.einsum("smd,skd->smk", qs, kw) * scale                             # [S, (h, g), (n, h')]
-    kpos = (run_kstart[:, :, None] + jnp.arange(block_size, dtype=jnp.int32)).reshape(num_runs, n)
     visible = (kpos <= q_pos[tile, 0][:, None]) & valid[:, None]                 # [S, n]
     visible = jnp.broadcast_to(visible[:, :, None], (num_runs, n, num_kv)).reshape(num_runs, 1, -1)
     # h' != h: a constant additive -inf (3-D, minor-axis reductions: cheap on CPU)
