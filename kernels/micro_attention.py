@@ -22,8 +22,10 @@ Empty partials carry lse = -inf and weigh nothing; the 0 * inf and
 (-inf) - (-inf) cases are guarded explicitly.
 
 Two implementations of the per-run step share one signature: a pure-jnp
-reference (default on CPU) and a Pallas kernel (written for the GPU Triton
-lowering; checked on CPU with interpret=True).
+reference and a Pallas kernel (written for the GPU Triton lowering; checked on
+CPU with interpret=True). A third, native C++ kernel for XLA:CPU
+(micro_attention_cpu.cc, via XLA FFI; impl="native", the "auto" choice on CPU)
+fuses the block gather into the attention and returns per-tile results.
 
 Shapes:
     q            [n_tiles, q_tile, Hkv, G, D]   G = query heads per KV head
@@ -298,17 +300,41 @@ def run_partials_pallas(q, q_pos, k_pages, v_pages, item_tile, item_block, item_
 # --------------------------------------------------------------------------
 
 
+IMPLS = ("auto", "native", "reference", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto': the native kernel on CPU where it builds, else the jnp reference
+    (the Pallas kernel is chosen explicitly)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "cpu":
+        from . import native
+
+        if native.available():
+            return "native"
+    return "reference"
+
+
 def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
                     scale: float, run: int = 1, kv_head_offset=0, impl: str = "reference",
                     interpret: bool = False):
     """Partial attention of every query tile over the items that name it.
 
     run: items per run (static; the work list holds runs of one tile each).
-    impl: "reference" (pure jnp) or "pallas" (interpret=True to run on CPU).
+    impl: "reference" (pure jnp), "pallas" (interpret=True to run on CPU),
+    "native" (the C++ CPU kernel, kernels/micro_attention_cpu.cc) or "auto".
     """
     if item_tile.shape[0] % run:
         raise ValueError(f"work list length {item_tile.shape[0]} is not a multiple of run={run}")
+    impl = resolve_impl(impl)
     args = (q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart)
+    if impl == "native":  # per-tile results directly: no per-run partials to merge
+        from .native import micro_attention_native
+
+        return micro_attention_native(*args, scale=scale, kv_head_offset=kv_head_offset)
     if impl == "reference":
         o_r, lse_r = run_partials_reference(*args, scale=scale, run=run,
                                             kv_head_offset=kv_head_offset)
@@ -316,6 +342,6 @@ def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_ksta
         o_r, lse_r = run_partials_pallas(*args, scale=scale, run=run,
                                          kv_head_offset=kv_head_offset, interpret=interpret)
     else:
-        raise ValueError(f"impl must be 'reference' or 'pallas', got {impl!r}")
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     run_tile = item_tile.reshape(-1, run)[:, 0]
     return merge_segments(o_r, lse_r, run_tile, q.shape[0])

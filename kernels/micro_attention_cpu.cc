@@ -1,0 +1,290 @@
+// MicroAttention for XLA:CPU: a fused gather + attention over the work list.
+//
+// Same contract as kernels/micro_attention.py's micro_attention (per-tile
+// o, lse over the items that name the tile), computed without materializing
+// the gathered blocks: each item's K/V block is read in place from the pool
+// (16 keys x heads x D: it stays in L1 while every query row of the tile and
+// every query head of the KV head use it), and the tile's rows keep an online
+// softmax (running max m, sum l, weighted sum in the output buffer).
+//
+// Built by kernels/native.py with the host's compiler (-O3 -march=native) and
+// registered as XLA FFI targets "distkv_micro_attention_{f32,bf16}" (pages of
+// that dtype; queries and outputs float32).
+//
+// Threads: tiles are split into contiguous ranges of about equal item counts,
+// run on XLA's intra-op thread pool (the threads XLA's own ops use, so the
+// kernel does not oversubscribe the cores); a tile's accumulators belong to
+// one range, so no locks.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float load(float x) { return x; }
+inline float load(uint16_t x) {  // bfloat16: the high half of a float32
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// exp(x) for x <= 0, vectorizable (no libm call): 2^n * p(r), r in
+// [-ln2/2, ln2/2], degree-6 Taylor polynomial (relative error < 2e-7).
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Shape {
+  int64_t n_tiles, q_tile, num_kv, groups, head_dim;  // q [n_tiles, q_tile, Hkv, G, D]
+  int64_t pages, block, stored;                        // pages [P, block, stored, D]
+  int64_t items;
+};
+
+// Prefetch a page's bytes (the next item's block) while this one is computed:
+// items name scattered pages, which the hardware prefetcher cannot guess.
+inline void prefetch_page(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
+template <typename T>
+void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_pages,
+               const T* v_pages, const int32_t* item_tile, const int32_t* item_block,
+               const int32_t* item_kstart, int64_t head_offset, float scale, float* o,
+               float* m, float* l, int64_t tile_lo, int64_t tile_hi) {
+  const int64_t D = s.head_dim, G = s.groups, bs = s.block, HG = s.num_kv * G;
+  const int64_t key_stride = s.stored * D;  // floats between keys of one page
+  const int64_t page = bs * key_stride;     // floats per page
+  std::vector<float> scores(HG * bs), probs(HG * bs);
+  auto mine = [&](int64_t w) {
+    const int64_t t = item_tile[w];
+    return t >= tile_lo && t < tile_hi && item_block[w] >= 0 && item_block[w] < s.pages &&
+           item_kstart[w] < (1 << 30);
+  };
+  int64_t next = 0;
+  while (next < s.items && !mine(next)) ++next;
+  while (next < s.items) {
+    const int64_t w = next;
+    for (++next; next < s.items && !mine(next); ++next) {
+    }
+    if (next < s.items) {
+      prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
+      prefetch_page(v_pages + item_block[next] * page, page * sizeof(T));
+    }
+    const int64_t t = item_tile[w];
+    const int64_t kstart = item_kstart[w];
+    const T* kb = k_pages + item_block[w] * page + head_offset * D;
+    const T* vb = v_pages + item_block[w] * page + head_offset * D;
+    for (int64_t qi = 0; qi < s.q_tile; ++qi) {
+      const int64_t pos = q_pos[t * s.q_tile + qi];
+      if (pos < 0) continue;                                            // padding row
+      const int64_t visible = std::min<int64_t>(bs, pos - kstart + 1);  // causal
+      if (visible <= 0) continue;
+      const int64_t row0 = (t * s.q_tile + qi) * HG;  // this row's (h, g) accumulators
+      const float* qr = q + row0 * D;
+      // scores [(h, g), key]: the page is read key by key, contiguously
+      for (int64_t j = 0; j < visible; ++j) {
+        const T* kr = kb + j * key_stride;
+        for (int64_t hg = 0; hg < HG; ++hg) {
+          const float* qv = qr + hg * D;
+          const T* kv = kr + (hg / G) * D;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qv[d] * load(kv[d]);
+          scores[hg * bs + j] = dot * scale;
+        }
+      }
+      // online softmax update per (h, g)
+      for (int64_t hg = 0; hg < HG; ++hg) {
+        float* sc = scores.data() + hg * bs;
+        float* pr = probs.data() + hg * bs;
+        float block_max = kNegInf;
+        for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, sc[j]);
+        const float m_old = m[row0 + hg];
+        const float m_new = std::max(m_old, block_max);
+        // m_old = -inf: nothing accumulated yet (acc and l are 0)
+        const float a = m_old == kNegInf ? 0.0f : exp_nonpos(m_old - m_new);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < visible; ++j) {
+          pr[j] = exp_nonpos(sc[j] - m_new);
+          sum += pr[j];
+        }
+        l[row0 + hg] = l[row0 + hg] * a + sum;
+        m[row0 + hg] = m_new;
+        if (a != 1.0f) {
+          float* acc = o + (row0 + hg) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc[d] *= a;
+        }
+      }
+      // weighted values, again key by key
+      for (int64_t j = 0; j < visible; ++j) {
+        const T* vr = vb + j * key_stride;
+        for (int64_t hg = 0; hg < HG; ++hg) {
+          const T* vv = vr + (hg / G) * D;
+          const float p = probs[hg * bs + j];
+          float* acc = o + (row0 + hg) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc[d] += p * load(vv[d]);
+        }
+      }
+    }
+  }
+  // normalize: o = acc / l, lse = m + log l (rows that saw nothing: o = 0, lse = -inf)
+  const int64_t per_tile = s.q_tile * s.num_kv * G;
+  for (int64_t idx = tile_lo * per_tile; idx < tile_hi * per_tile; ++idx) {
+    float* acc = o + idx * D;
+    if (l[idx] > 0.0f) {
+      const float inv = 1.0f / l[idx];
+      for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+      l[idx] = m[idx] + std::log(l[idx]);
+    } else {
+      for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+      l[idx] = kNegInf;
+    }
+  }
+}
+
+// Upper bound on threads per call ($DISTKV_CPU_THREADS; default: no bound).
+int64_t thread_cap() {
+  static const int64_t n = [] {
+    const char* env = std::getenv("DISTKV_CPU_THREADS");
+    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{1} << 20;
+  }();
+  return n;
+}
+
+// Minimum items per range: below this a task's hand-off costs more than it saves.
+constexpr int64_t kItemsPerRange = 64;
+
+// Ranges claimed from a shared counter by the caller and by tasks on XLA's
+// intra-op pool. The caller claims ranges too and waits only for ranges that
+// others have claimed (and are running), so it cannot deadlock when every
+// pool thread is busy; a task that starts after all ranges are claimed does
+// nothing and touches only this heap state.
+struct Ranges {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> fn;
+
+  void drain() {
+    for (int64_t r; (r = next.fetch_add(1)) < count;) {
+      fn(r);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+template <typename T, ffi::DataType DT>
+ffi::Error micro_attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<DT> k_pages,
+                                ffi::Buffer<DT> v_pages, ffi::Buffer<ffi::S32> item_tile,
+                                ffi::Buffer<ffi::S32> item_block, ffi::Buffer<ffi::S32> item_kstart,
+                                ffi::Buffer<ffi::S32> head_offset, float scale,
+                                ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  const auto qd = q.dimensions();
+  const auto kd = k_pages.dimensions();
+  if (qd.size() != 5 || kd.size() != 4)
+    return ffi::Error::InvalidArgument("q must be rank 5 and pages rank 4");
+  Shape s{qd[0], qd[1], qd[2], qd[3], qd[4], kd[0], kd[1], kd[2],
+          static_cast<int64_t>(item_tile.element_count())};
+  if (kd[3] != s.head_dim) return ffi::Error::InvalidArgument("head_dim of q and pages differ");
+  const int64_t offset = head_offset.typed_data()[0];
+  if (offset < 0 || offset + s.num_kv > s.stored)
+    return ffi::Error::InvalidArgument("kv_head_offset outside the stored heads");
+
+  float* out = o->typed_data();
+  float* l = lse->typed_data();  // the running sum l, then lse
+  const int64_t rows = s.n_tiles * s.q_tile * s.num_kv * s.groups;
+  std::fill(out, out + rows * s.head_dim, 0.0f);
+  std::fill(l, l + rows, 0.0f);
+  std::vector<float> m(rows, kNegInf);
+
+  const int32_t* it = item_tile.typed_data();
+  const T* kp = reinterpret_cast<const T*>(k_pages.untyped_data());
+  const T* vp = reinterpret_cast<const T*>(v_pages.untyped_data());
+  auto work = [&](int64_t lo, int64_t hi) {
+    run_tiles<T>(s, q.typed_data(), q_pos.typed_data(), kp, vp, it, item_block.typed_data(),
+                 item_kstart.typed_data(), offset, scale, out, m.data(), l, lo, hi);
+  };
+
+  // split tiles into contiguous ranges of about equal real-item counts
+  std::vector<int64_t> per_tile(s.n_tiles, 0);
+  int64_t real = 0;
+  for (int64_t w = 0; w < s.items; ++w) {
+    const int64_t t = it[w];
+    if (t >= 0 && t < s.n_tiles) { ++per_tile[t]; ++real; }
+  }
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = std::min({thread_cap(), workers, std::max<int64_t>(1, real / kItemsPerRange)});
+  if (parts <= 1) {
+    work(0, s.n_tiles);
+    return ffi::Error::Success();
+  }
+  std::vector<int64_t> bounds{0};
+  int64_t acc = 0;
+  for (int64_t t = 0; t < s.n_tiles && static_cast<int64_t>(bounds.size()) < parts; ++t) {
+    acc += per_tile[t];
+    if (acc * parts >= real * static_cast<int64_t>(bounds.size())) bounds.push_back(t + 1);
+  }
+  bounds.push_back(s.n_tiles);
+  auto ranges = std::make_shared<Ranges>();
+  ranges->count = static_cast<int64_t>(bounds.size()) - 1;
+  ranges->fn = [&](int64_t r) { work(bounds[r], bounds[r + 1]); };
+  for (int64_t i = 1; i < ranges->count; ++i) pool.Schedule([ranges] { ranges->drain(); });
+  ranges->drain();
+  while (ranges->done.load(std::memory_order_acquire) < ranges->count) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define DISTKV_BIND(DT)                          \
+  ffi::Ffi::Bind()                               \
+      .Ctx<ffi::ThreadPool>()                    \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<DT>>()                    \
+      .Arg<ffi::Buffer<DT>>()                    \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()              \
+      .Attr<float>("scale")                      \
+      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvMicroAttentionF32,
+                              (micro_attention_impl<float, ffi::F32>), DISTKV_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvMicroAttentionBF16,
+                              (micro_attention_impl<uint16_t, ffi::BF16>), DISTKV_BIND(ffi::BF16));
