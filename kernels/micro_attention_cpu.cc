@@ -96,10 +96,13 @@ void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_
     const int64_t w = next;
     for (++next; next < s.items && !mine(next); ++next) {
     }
-    if (next < s.items) {
-      prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
-      prefetch_page(v_pages + item_block[next] * page, page * sizeof(T));
-    }
+    // The next item's pages are prefetched key by key while this item's keys
+    // are read (spread out, so the prefetches do not pile up), unless the next
+    // page is the adjacent one: the hardware prefetcher's stream covers that.
+    const bool fetch = next < s.items && item_block[next] != item_block[w] + 1;
+    const T* next_k = fetch ? k_pages + item_block[next] * page : nullptr;
+    const T* next_v = fetch ? v_pages + item_block[next] * page : nullptr;
+    const int64_t key_bytes = key_stride * static_cast<int64_t>(sizeof(T));
     const int64_t t = item_tile[w];
     const int64_t kstart = item_kstart[w];
     const T* kb = k_pages + item_block[w] * page + head_offset * D;
@@ -114,6 +117,7 @@ void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_
       // scores [(h, g), key]: the page is read key by key, contiguously
       for (int64_t j = 0; j < visible; ++j) {
         const T* kr = kb + j * key_stride;
+        if (next_k) prefetch_page(next_k + j * key_stride, key_bytes);
         for (int64_t hg = 0; hg < HG; ++hg) {
           const float* qv = qr + hg * D;
           const T* kv = kr + (hg / G) * D;
@@ -150,6 +154,7 @@ void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_
       // weighted values, again key by key
       for (int64_t j = 0; j < visible; ++j) {
         const T* vr = vb + j * key_stride;
+        if (next_v) prefetch_page(next_v + j * key_stride, key_bytes);
         for (int64_t hg = 0; hg < HG; ++hg) {
           const T* vv = vr + (hg / G) * D;
           const float p = probs[hg * bs + j];
@@ -157,6 +162,11 @@ void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) acc[d] += p * load(vv[d]);
         }
+      }
+      if (next_k) {  // keys past `visible`, then no more for the tile's other rows
+        prefetch_page(next_k + visible * key_stride, (bs - visible) * key_bytes);
+        prefetch_page(next_v + visible * key_stride, (bs - visible) * key_bytes);
+        next_k = next_v = nullptr;
       }
     }
   }
@@ -246,7 +256,9 @@ ffi::Error micro_attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     if (t >= 0 && t < s.n_tiles) { ++per_tile[t]; ++real; }
   }
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t parts = std::min({thread_cap(), workers, std::max<int64_t>(1, real / kItemsPerRange)});
+  // two ranges per thread: claimed dynamically, they even out a thread that
+  // the host's own work (planning the next step) slows down
+  const int64_t parts = std::min({thread_cap(), 2 * workers, std::max<int64_t>(1, real / kItemsPerRange)});
   if (parts <= 1) {
     work(0, s.n_tiles);
     return ffi::Error::Success();
