@@ -64,7 +64,7 @@ class DistAttentionConfig:
     layout: PoolLayout
     num_heads: int
     scale: float
-    impl: str = "reference"       # MicroAttention implementation: reference | pallas
+    impl: str = "auto"            # MicroAttention: auto | native | reference | pallas
     interpret: bool = False       # Pallas interpret mode (CPU)
 
 

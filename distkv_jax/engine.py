@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .dist_attention import DistMeta
+from .kernels.micro_attention import resolve_impl
 from .kv_cache_manager import KVCacheManager
 from .kv_copy import KVCopier
 from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool
@@ -55,7 +56,7 @@ class EngineConfig:
     max_tokens_per_step: int = 256      # per instance
     max_logprobs: int = 20
     seed: int = 0
-    impl: str = "reference"             # MicroAttention implementation
+    impl: str = "auto"                  # MicroAttention: auto | native | reference | pallas
     kv_memory_fraction: float = 0.9     # of free accelerator memory (CPU: see kv_blocks_from_memory)
     scan_layers: bool = False           # False: layers unrolled, per-layer weights (faster steps)
     overlap_steps: bool = True          # plan step n+1 while step n runs (see Engine.step)
@@ -123,6 +124,8 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, tokenizer=None,
                  config: EngineConfig = EngineConfig(), dtype: Any = "float32"):
         self.config = config
+        # the MicroAttention implementation the step uses ("auto" resolved once)
+        self.attention_impl = resolve_impl(config.impl)
         if not config.scan_layers:  # the stacked arrays are dropped: no second copy
             params = unstack_layers(params, cfg.num_layers)
         self.cfg, self.params, self.mesh, self.tokenizer = cfg, params, mesh, tokenizer
@@ -168,7 +171,7 @@ class Engine:
 
     # ------------------------------------------------------------ device step
     def _make_step(self):
-        forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.config.impl,
+        forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.attention_impl,
                                    scan_layers=self.config.scan_layers)
 
         def step(params, pools, tokens, positions, meta, logits_index, targets, st, num_top):

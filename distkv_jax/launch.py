@@ -79,8 +79,9 @@ _MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "running sequences per 
 _MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 256, "tokens per step per instance")
 _MAX_PENDING = flags.DEFINE_integer("max_pending", None, "requests held by the engine at once "
                                     "(default: 4 x max_num_seqs x instances); the rest wait in the file")
-_ATTENTION = flags.DEFINE_enum("attention_impl", "reference", ["reference", "pallas"],
-                               "MicroAttention implementation")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "auto", ["auto", "native", "reference", "pallas"],
+                               "MicroAttention implementation (auto: the native C++ kernel on "
+                               "CPU where it builds, else the jnp reference)")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "show a progress bar (stderr)")
 # multi-host
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "

@@ -43,7 +43,7 @@ class LLM:
                  kv_blocks: int | None = None, host_kv_blocks: int = 0,
                  kv_policy: str = "distributed", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 256, dtype: str = "float32", seed: int = 0,
-                 max_logprobs: int = 20, attention_impl: str = "reference"):
+                 max_logprobs: int = 20, attention_impl: str = "auto"):
         if kv_policy not in ("distributed", "local"):
             raise ValueError(f"kv_policy must be 'distributed' or 'local', got {kv_policy!r}")
         shape = MeshShape.parse(mesh)

@@ -27,7 +27,7 @@ def pool_layout(cfg: ModelConfig, mesh: Mesh, blocks_per_instance: int, block_si
 
 
 def paged_forward_fn(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: Any = "float32",
-                     impl: str = "reference", interpret: bool = False, scan_layers: bool = True):
+                     impl: str = "auto", interpret: bool = False, scan_layers: bool = True):
     """forward(params, tokens, positions, pools, meta, logits_index=None)
     -> (logits, pools), not yet jitted (the engine wraps it with sampling).
     scan_layers=False takes per-layer params (models.llama.unstack_layers)."""
@@ -47,7 +47,7 @@ def paged_forward_fn(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: An
 
 
 def make_paged_forward(cfg: ModelConfig, mesh: Mesh, layout: PoolLayout, dtype: Any = "float32",
-                       impl: str = "reference", interpret: bool = False):
+                       impl: str = "auto", interpret: bool = False):
     """jitted forward(params, tokens, positions, pools, meta, logits_index=None)
     -> (logits, pools), pools donated."""
     return jax.jit(paged_forward_fn(cfg, mesh, layout, dtype, impl, interpret), donate_argnums=(3,))

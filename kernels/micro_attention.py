@@ -315,7 +315,16 @@ def resolve_impl(impl: str) -> str:
 
         if native.available():
             return "native"
+        _warn_fallback(native.error())
     return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    import warnings
+
+    warnings.warn(f"native MicroAttention unavailable, using the jnp reference: {reason}",
+                  RuntimeWarning, stacklevel=3)
 
 
 def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,

@@ -134,6 +134,16 @@ def test_pallas_inside_dist_attention():
     assert err <= 1e-5
 
 
+@pytest.mark.parametrize("mesh_str", ["8x1", "2x4"])
+def test_native_kernel_inside_dist_attention(mesh_str):
+    """The C++ kernel per device under shard_map; on 2x4 the KV heads are
+    replicated over tp and each shard picks its head by a traced offset."""
+    err, _ = run_case(mesh_str, 4, 2, 8, [(0, 19, 1), (1, 30, 4), (0, 77, 1)],
+                      [[1, 0], [0, 1, 0], [1, 0, 1, 1, 0, 1, 0, 0, 1, 1]],
+                      q_tile=4, seed=6, impl="native", run=2)
+    assert err <= 1e-5
+
+
 def test_plan_work_is_proportional_to_blocks():
     """Items per instance count exactly the blocks each instance holds for each
     tile: no [batch, max_blocks] padding."""

@@ -1,5 +1,10 @@
-"""MicroAttention kernels on one device: reference and Pallas (interpret mode)
-against float64 dense attention, and the exact merge of partials."""
+"""MicroAttention kernels on one device: reference, Pallas (interpret mode) and
+the native C++ kernel against float64 dense attention, and the exact merge of
+partials."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +12,8 @@ import numpy as np
 import pytest
 
 from distkv_jax.attention_plan import MASKED
-from distkv_jax.kernels.micro_attention import merge_axis, merge_segments, micro_attention
+from distkv_jax.kernels import native
+from distkv_jax.kernels.micro_attention import merge_axis, merge_segments, micro_attention, resolve_impl
 
 from attention_reference import dense_attention_f64
 
@@ -79,11 +85,13 @@ CASES = [
     ([1, 33], [1, 33], 8, 1, 4, 16, 8, 1),            # whole prompt, MQA
     ([37, 5, 64], [1, 1, 1], 8, 4, 2, 16, 1, 2),      # decode, 4 KV heads: the all-heads product
     ([37, 5, 64], [1, 1, 1], 8, 8, 4, 16, 1, 2),      # decode, 8 KV heads: per-head products
+    ([300] * 6 + [40] * 10, [1] * 16, 8, 2, 2, 16, 1, 4),  # 236 items: the native kernel's threads
+    ([200, 90], [64, 40], 16, 2, 2, 16, 8, 2),        # prefill tiles over many blocks, threaded
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "pallas", "native"])
 def test_micro_attention_matches_dense_f64(case, impl):
     seq_lens, new, bs, num_kv, groups, head_dim, q_tile, run = case
     rng = np.random.default_rng(sum(seq_lens))
@@ -114,10 +122,57 @@ def test_kv_head_offset_selects_heads():
     problem, _ = _paged_problem(rng, [30], [1], 8, 4, 2, 8, 1)
     args = {k: jnp.asarray(v) for k, v in problem.items()}
     full = micro_attention(**args, scale=0.3)[0]
-    for impl in ("reference", "pallas"):
+    for impl in ("reference", "pallas", "native"):
         part = micro_attention(**dict(args, q=args["q"][:, :, 2:3]), scale=0.3, kv_head_offset=2,
                                impl=impl, interpret=True)[0]
         np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, :, 2:3]), atol=1e-6)
+
+
+def test_native_kernel_builds_and_is_the_cpu_default():
+    """The C++ kernel compiles here (CI has g++) and "auto" picks it on CPU."""
+    assert native.available(), native.error()
+    assert resolve_impl("auto") == "native"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("fast")
+
+
+def test_native_bfloat16_pages_match_reference():
+    rng = np.random.default_rng(11)
+    problem, _ = _paged_problem(rng, [70, 33], [3, 1], 16, 2, 2, 16, 4, run=2)
+    args = {k: jnp.asarray(v) for k, v in problem.items()}
+    for name in ("k_pages", "v_pages"):
+        args[name] = args[name].astype(jnp.bfloat16)
+    ref = micro_attention(**args, scale=0.25, run=2, impl="reference")
+    nat = micro_attention(**args, scale=0.25, run=2, impl="native")
+    for a, b in zip(ref, nat):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=0)
+
+
+_ONE_THREAD = """
+import sys, numpy as np, jax.numpy as jnp
+from distkv_jax.kernels.micro_attention import micro_attention
+a = dict(np.load(sys.argv[1]))
+o, lse = micro_attention(**{k: jnp.asarray(v) for k, v in a.items()}, scale=0.25, run=4, impl="native")
+np.savez(sys.argv[2], o=np.asarray(o), lse=np.asarray(lse))
+"""
+
+
+def test_native_result_does_not_depend_on_thread_count(tmp_path):
+    """Tiles are split into ranges run on XLA's pool threads; a tile's items
+    are always summed in work-list order by one thread, so one thread or
+    several give the same bits (hosts of a multi-host job must agree)."""
+    rng = np.random.default_rng(12)
+    problem, refs = _paged_problem(rng, [300] * 6 + [40] * 10, [1] * 16, 8, 2, 2, 16, 1, run=4)
+    many = micro_attention(**{k: jnp.asarray(v) for k, v in problem.items()}, scale=0.25, run=4,
+                           impl="native")
+    np.savez(tmp_path / "in.npz", **problem)
+    env = dict(os.environ, DISTKV_CPU_THREADS="1", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", _ONE_THREAD, str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], env=env, check=True)
+    one = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(np.asarray(many[0]), one["o"])
+    np.testing.assert_array_equal(np.asarray(many[1]), one["lse"])
+    assert _unpack(one["o"], problem, refs, 1, 2, 2, 16) <= 1e-5
 
 
 def test_merge_is_exact_and_guards_empty():
