@@ -6,6 +6,11 @@
 // (16 keys x heads x D: it stays in L1 while every query row of the tile and
 // every query head of the KV head use it), and the tile's rows keep an online
 // softmax (running max m, sum l, weighted sum in the output buffer).
+// Two loop orders: decode tiles (few rows per KV head) take per-row dot
+// products over head_dim; prefill tiles take groups of up to 8 consecutive
+// blocks of a tile, keys transposed per head so that the vector lanes run
+// over keys. Common (head_dim, block_size) pairs are compiled with constant
+// loop bounds.
 //
 // Built by kernels/native.py with the host's compiler (-O3 -march=native) and
 // registered as XLA FFI targets "distkv_micro_attention_{f32,bf16}" (pages of
@@ -38,10 +43,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline float load(float x) { return x; }
 inline float load(uint16_t x) {  // bfloat16: the high half of a float32
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
 }
 
 // exp(x) for x <= 0, vectorizable (no libm call): 2^n * p(r), r in
@@ -57,10 +59,8 @@ inline float exp_nonpos(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  // 2^n from the exponent bits (a bit cast: memcpy here blocks vectorization)
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 struct Shape {
@@ -76,15 +76,112 @@ inline void prefetch_page(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
 }
 
-template <typename T>
-void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_pages,
+// One softmax update of row accumulator idx with scores sc[0..visible).
+template <int DC>
+inline void online_update(const float* __restrict sc, float* __restrict pr, int64_t visible,
+                          float* m, float* l, float* __restrict acc, int64_t head_dim) {
+  const int64_t D = DC ? DC : head_dim;
+  float block_max = kNegInf;
+#pragma omp simd reduction(max : block_max)
+  for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, sc[j]);
+  const float m_old = *m;
+  const float m_new = std::max(m_old, block_max);
+  // m_old = -inf: nothing accumulated yet (acc and l are 0)
+  const float a = m_old == kNegInf ? 0.0f : exp_nonpos(m_old - m_new);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < visible; ++j) {
+    pr[j] = exp_nonpos(sc[j] - m_new);
+    sum += pr[j];
+  }
+  *l = *l * a + sum;
+  *m = m_new;
+  if (a != 1.0f) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] *= a;
+  }
+}
+
+// A group of consecutive items of one tile (blocks holding consecutive key
+// positions), head by head: the group's keys of the head are transposed to
+// kt [D, keys] so that scores are computed across keys (vector lanes = keys,
+// no horizontal sums), and each (row, group) does one softmax update for all
+// of the group's keys. The transpose is shared by every row of the tile. Used
+// for prefill tiles (many rows per head).
+constexpr int64_t kGroupBlocks = 8;
+
+template <typename T, int DC, int BC>
+void group_by_head(const Shape& s, const float* q, const int32_t* q_pos, const T* const* kbs,
+                   const T* const* vbs, int64_t nblocks, int64_t t, int64_t kstart, float scale,
+                   float* o, float* m, float* l, float* kt, float* sc, float* pr) {
+  // DC, BC: head_dim and block size known at compile time (0: at run time)
+  const int64_t D = DC ? DC : s.head_dim, G = s.groups, bs = BC ? BC : s.block;
+  const int64_t key_stride = s.stored * D;
+  const int64_t nk = nblocks * bs;
+  int64_t last = -1;  // the tile's last real row sees the most keys
+  for (int64_t qi = 0; qi < s.q_tile; ++qi)
+    if (q_pos[t * s.q_tile + qi] >= 0) last = qi;
+  if (last < 0 || q_pos[t * s.q_tile + last] < kstart) return;
+  const int64_t seen = std::min<int64_t>(nk, q_pos[t * s.q_tile + last] - kstart + 1);
+  const int64_t width = (seen + 7) & ~int64_t{7};  // score columns computed (lanes of 8)
+  for (int64_t h = 0; h < s.num_kv; ++h) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const T* kh = kbs[b] + h * D;
+      for (int64_t j = 0; j < bs && b * bs + j < seen; ++j)
+        for (int64_t d = 0; d < D; ++d) kt[d * width + b * bs + j] = load(kh[j * key_stride + d]);
+    }
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = seen; j < width; ++j) kt[d * width + j] = 0.0f;
+    for (int64_t qi = 0; qi <= last; ++qi) {
+      const int64_t pos = q_pos[t * s.q_tile + qi];
+      if (pos < 0) continue;
+      const int64_t visible = std::min<int64_t>(seen, pos - kstart + 1);
+      if (visible <= 0) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t idx = ((t * s.q_tile + qi) * s.num_kv + h) * G + g;
+        const float* qv = q + idx * D;
+        for (int64_t j = 0; j < width; ++j) sc[j] = 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float qd = qv[d] * scale;
+          const float* kr = kt + d * width;
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) sc[j] += qd * kr[j];
+        }
+        float* acc = o + idx * D;
+        online_update<DC>(sc, pr, visible, m + idx, l + idx, acc, D);
+        for (int64_t b = 0; b * bs < visible; ++b) {
+          const T* vh = vbs[b] + h * D;
+          const int64_t n = std::min<int64_t>(bs, visible - b * bs);
+          for (int64_t j = 0; j < n; ++j) {
+            const T* vv = vh + j * key_stride;
+            const float pj = pr[b * bs + j];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) acc[d] += pj * load(vv[d]);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int DC, int BC>
+void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const T* k_pages,
                const T* v_pages, const int32_t* item_tile, const int32_t* item_block,
                const int32_t* item_kstart, int64_t head_offset, float scale, float* o,
                float* m, float* l, int64_t tile_lo, int64_t tile_hi) {
-  const int64_t D = s.head_dim, G = s.groups, bs = s.block, HG = s.num_kv * G;
+  const int64_t D = DC ? DC : s.head_dim, G = s.groups, bs = BC ? BC : s.block;
+  const int64_t HG = s.num_kv * G;
   const int64_t key_stride = s.stored * D;  // floats between keys of one page
   const int64_t page = bs * key_stride;     // floats per page
-  std::vector<float> scores(HG * bs), probs(HG * bs);
+  const int64_t group_keys = kGroupBlocks * bs;
+  std::vector<float> scores(std::max(HG, int64_t{1}) * group_keys),
+      probs(std::max(HG, int64_t{1}) * group_keys), kt(D * group_keys);
+  // prefill tiles (many rows per KV head): keys transposed per head, shared by
+  // the rows; decode tiles: per-row dot products over head_dim (measured: each
+  // is 1.3-2x faster than the other on its own kind of tile)
+  const bool by_head = s.q_tile * G >= 8;
+  const T* kbs[kGroupBlocks];
+  const T* vbs[kGroupBlocks];
   auto mine = [&](int64_t w) {
     const int64_t t = item_tile[w];
     return t >= tile_lo && t < tile_hi && item_block[w] >= 0 && item_block[w] < s.pages &&
@@ -107,6 +204,27 @@ void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_
     const int64_t kstart = item_kstart[w];
     const T* kb = k_pages + item_block[w] * page + head_offset * D;
     const T* vb = v_pages + item_block[w] * page + head_offset * D;
+    if (by_head) {
+      // extend the group with the following items of the same tile whose
+      // blocks continue the key positions
+      int64_t nb = 0;
+      kbs[nb] = kb;
+      vbs[nb++] = vb;
+      while (nb < kGroupBlocks && next < s.items && item_tile[next] == t &&
+             item_kstart[next] == kstart + nb * bs) {
+        kbs[nb] = k_pages + item_block[next] * page + head_offset * D;
+        vbs[nb++] = v_pages + item_block[next] * page + head_offset * D;
+        for (++next; next < s.items && !mine(next); ++next) {
+        }
+      }
+      if (next < s.items) {
+        prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
+        prefetch_page(v_pages + item_block[next] * page, page * sizeof(T));
+      }
+      group_by_head<T, DC, BC>(s, q, q_pos, kbs, vbs, nb, t, kstart, scale, o, m, l, kt.data(),
+                               scores.data(), probs.data());
+      continue;
+    }
     for (int64_t qi = 0; qi < s.q_tile; ++qi) {
       const int64_t pos = q_pos[t * s.q_tile + qi];
       if (pos < 0) continue;                                            // padding row
@@ -183,6 +301,23 @@ void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_
       l[idx] = kNegInf;
     }
   }
+}
+
+// Common head_dim x block_size pairs get loops of compile-time length.
+template <typename T>
+void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_pages,
+               const T* v_pages, const int32_t* item_tile, const int32_t* item_block,
+               const int32_t* item_kstart, int64_t head_offset, float scale, float* o,
+               float* m, float* l, int64_t tile_lo, int64_t tile_hi) {
+#define DISTKV_CASE(DV, BV)                                                                   \
+  if (s.head_dim == DV && s.block == BV)                                                      \
+    return run_tiles_fixed<T, DV, BV>(s, q, q_pos, k_pages, v_pages, item_tile, item_block,  \
+                                      item_kstart, head_offset, scale, o, m, l, tile_lo, tile_hi);
+  DISTKV_CASE(8, 16) DISTKV_CASE(16, 16) DISTKV_CASE(32, 16) DISTKV_CASE(64, 16)
+  DISTKV_CASE(128, 16) DISTKV_CASE(64, 32) DISTKV_CASE(128, 32)
+#undef DISTKV_CASE
+  run_tiles_fixed<T, 0, 0>(s, q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart,
+                           head_offset, scale, o, m, l, tile_lo, tile_hi);
 }
 
 // Upper bound on threads per call ($DISTKV_CPU_THREADS; default: no bound).

@@ -15,8 +15,10 @@ Bytes between instances are counted from the collectives' payload shapes. On
 simulated CPU devices a collective is a memory copy, so the times understate
 what moving KV costs on a network; the bytes are the figure that transfers.
 
-Also measured: MicroAttention (reference, one device, one sequence) KV bytes
-read per second at --bandwidth_context, against this machine's memory
+The mesh comparisons use the engine's default MicroAttention ("auto": the
+native C++ kernel on CPU). Also measured: MicroAttention (the jnp reference and
+the native kernel; one device, one sequence: one query tile, so the native
+kernel runs on one thread) KV bytes read per second at --bandwidth_context, against this machine's memory
 bandwidth measured two ways: XLA streaming read (jnp.sum over 1 GiB on one
 CPU device; XLA may use both cores) and one-thread numpy sum.
 """
@@ -151,7 +153,7 @@ def _kv_moving_point(s, N, iters, pools):
         qt = q[0].reshape(1, 1, Hkv, Hq // Hkv, D)
         o, _ = micro_attention(qt, pos[:, :1], k_in, v_in, jnp.zeros(W, jnp.int32),
                                jnp.arange(W, dtype=jnp.int32), kstart[0].reshape(W), scale=cfg.scale,
-                               run=math.gcd(W, MAX_RUN))
+                               run=math.gcd(W, MAX_RUN), impl=cfg.impl)  # the kernel (a), (b) use
         return o.reshape(1, 1, Hq, D)
 
     fn = jax.jit(jax.shard_map(body, mesh=mesh,
@@ -182,15 +184,18 @@ def _bandwidth(N, bs, Hq, Hkv, D, iters):
     q_pos = jnp.full((8, 1), -1, jnp.int32).at[0, 0].set(N - 1)
     blocks = jnp.asarray(rng.permutation(P_).astype(np.int32))
     run = choose_run(np.array([P_]))  # what the plan picks for one long sequence
-    fn = jax.jit(lambda *a: micro_attention(*a, scale=0.1, run=run))
     args = (q, q_pos, k, v, jnp.zeros(P_, jnp.int32), blocks, jnp.arange(P_, dtype=jnp.int32) * bs)
-    fn(*args)[0].block_until_ready()
-    t = median_time(lambda: fn(*args)[0].block_until_ready(), iters)
     kv_bytes = k.nbytes + v.nbytes
-    return {"context": N, "run": run, "micro_attention_ms": t * 1e3, "kv_bytes": int(kv_bytes),
-            "kv_read_GBps": kv_bytes / t / 1e9, **bw,
-            "fraction_of_xla_bw": kv_bytes / t / 1e9 / bw["xla_stream_read_GBps"],
-            "fraction_of_numpy_bw": kv_bytes / t / 1e9 / bw["numpy_1thread_read_GBps"]}
+    out = {"context": N, "run": run, "kv_bytes": int(kv_bytes), **bw}
+    for impl in ("reference", "native"):
+        fn = jax.jit(functools.partial(micro_attention, scale=0.1, run=run, impl=impl))
+        fn(*args)[0].block_until_ready()
+        t = median_time(lambda: fn(*args)[0].block_until_ready(), iters)
+        key = "" if impl == "reference" else "native_"
+        out.update({f"{key}micro_attention_ms": t * 1e3, f"{key}kv_read_GBps": kv_bytes / t / 1e9,
+                    f"{key}fraction_of_xla_bw": kv_bytes / t / 1e9 / bw["xla_stream_read_GBps"],
+                    f"{key}fraction_of_numpy_bw": kv_bytes / t / 1e9 / bw["numpy_1thread_read_GBps"]})
+    return out
 
 
 def main(argv) -> None:
@@ -230,9 +235,12 @@ def main(argv) -> None:
         del s
     bw = _bandwidth(bw_ctx, bs, Hq, Hkv, D, iters)
     print(json.dumps(bw), flush=True)
+    from distkv_jax.kernels.micro_attention import resolve_impl
+
     result = {"bench": "attention", "instances": I, "block_size": bs, "num_heads": Hq,
               "num_kv_heads": Hkv, "head_dim": D, "dtype": "float32", "sequences_per_step": I,
-              "rows": rows, "bandwidth": bw, "devices": len(jax.devices()),
+              "attention_impl": resolve_impl("auto"), "rows": rows, "bandwidth": bw,
+              "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)
     if FLAGS.output_png:

@@ -48,6 +48,9 @@ flags.DEFINE_integer("prefill_prompt", 1024, "prompt tokens, prefill-heavy")
 flags.DEFINE_integer("prefill_new", 8, "new tokens, prefill-heavy")
 flags.DEFINE_integer("block_size", 16, "KV block size")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "token budget per step")
+flags.DEFINE_string("attention_impl", "auto", "MicroAttention implementation (auto: native C++ on CPU)")
+flags.DEFINE_bool("reference_row", True, "also time our decode-heavy run with the jnp reference "
+                  "MicroAttention (what the native kernel buys)")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/throughput.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/throughput.png", "plot ('' to skip)")
@@ -152,7 +155,8 @@ def main(argv) -> None:
         max_req = max(r for _, r, _, _ in loads)
         kv_blocks = max_req * (-(-max_ctx // FLAGS.block_size)) + 8
         llm = LLM(path, mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
-                  max_num_seqs=max_req, max_num_batched_tokens=FLAGS.max_num_batched_tokens)
+                  max_num_seqs=max_req, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                  attention_impl=FLAGS.attention_impl)
         bw = stream_read_bandwidth(3, 0.5)
         rows = []
         for name, n_req, p, n in loads:
@@ -160,8 +164,25 @@ def main(argv) -> None:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                   flush=True)
         compiles = llm.engine.compiled_programs()
+        impl = llm.engine.attention_impl
+        if FLAGS.reference_row and impl != "reference":
+            del llm
+            ref = LLM(path, mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
+                      max_num_seqs=max_req, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                      attention_impl="reference")
+            name, n_req, p, n = loads[0]
+            prompts = np.random.default_rng(0).integers(3, dims["vocab"], size=(n_req, p)).tolist()
+            ref_s, ref_tok, log = _ours_run(ref, prompts, n)
+            row = rows[0]
+            dec = [st for pf, d, st in log if pf == 0 and d > 0]
+            row.update({"distkv_reference_attention_tok_per_s": n_req * n / ref_s,
+                        "native_over_reference_attention": ref_s / row["distkv_s"],
+                        "reference_attention_decode_step_ms": float(np.median(dec)) * 1e3 if dec else None})
+            print(json.dumps({k: round(row[k], 3) for k in ("distkv_reference_attention_tok_per_s",
+                                                             "native_over_reference_attention")}), flush=True)
     result = {"bench": "throughput", "model": dims, "params": _param_count(llm.model_config),
               "rows": rows, "bandwidth": bw, "compiled_programs": compiles, "mesh": "1x1",
+              "attention_impl": impl,
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)
     if FLAGS.output_png:
