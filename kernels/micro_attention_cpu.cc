@@ -102,6 +102,33 @@ inline void online_update(const float* __restrict sc, float* __restrict pr, int6
   }
 }
 
+// acc[0..D) += sum_j p[j] * v[j * key_stride + 0..D), j < n. The sum is kept
+// in a local array (registers when D is a compile-time constant) and stored
+// once: updating acc in memory key by key chains every key's update through a
+// store and a load.
+template <typename T, int DC>
+inline void pv_accumulate(float* __restrict acc, const float* __restrict p, const T* v, int64_t n,
+                          int64_t key_stride, int64_t head_dim) {
+  if constexpr (DC > 0) {
+    float a[DC];
+    for (int64_t d = 0; d < DC; ++d) a[d] = acc[d];
+    for (int64_t j = 0; j < n; ++j) {
+      const T* vv = v + j * key_stride;
+      const float pj = p[j];
+#pragma omp simd
+      for (int64_t d = 0; d < DC; ++d) a[d] += pj * load(vv[d]);
+    }
+    for (int64_t d = 0; d < DC; ++d) acc[d] = a[d];
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* vv = v + j * key_stride;
+      const float pj = p[j];
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) acc[d] += pj * load(vv[d]);
+    }
+  }
+}
+
 // A group of consecutive items of one tile (blocks holding consecutive key
 // positions), head by head: the group's keys of the head are transposed to
 // kt [D, keys] so that scores are computed across keys (vector lanes = keys,
@@ -123,7 +150,7 @@ void group_by_head(const Shape& s, const float* q, const int32_t* q_pos, const T
     if (q_pos[t * s.q_tile + qi] >= 0) last = qi;
   if (last < 0 || q_pos[t * s.q_tile + last] < kstart) return;
   const int64_t seen = std::min<int64_t>(nk, q_pos[t * s.q_tile + last] - kstart + 1);
-  const int64_t width = (seen + 7) & ~int64_t{7};  // score columns computed (lanes of 8)
+  const int64_t width = (seen + 15) & ~int64_t{15};  // score columns computed (chunks of 16)
   for (int64_t h = 0; h < s.num_kv; ++h) {
     for (int64_t b = 0; b < nblocks; ++b) {
       const T* kh = kbs[b] + h * D;
@@ -140,25 +167,21 @@ void group_by_head(const Shape& s, const float* q, const int32_t* q_pos, const T
       for (int64_t g = 0; g < G; ++g) {
         const int64_t idx = ((t * s.q_tile + qi) * s.num_kv + h) * G + g;
         const float* qv = q + idx * D;
-        for (int64_t j = 0; j < width; ++j) sc[j] = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float qd = qv[d] * scale;
-          const float* kr = kt + d * width;
+        for (int64_t j0 = 0; j0 < width; j0 += 16) {  // 16 keys' scores in registers
+          float v[16] = {};
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qv[d] * scale;
+            const float* kr = kt + d * width + j0;
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) sc[j] += qd * kr[j];
+            for (int64_t j = 0; j < 16; ++j) v[j] += qd * kr[j];
+          }
+          for (int64_t j = 0; j < 16; ++j) sc[j0 + j] = v[j];
         }
         float* acc = o + idx * D;
         online_update<DC>(sc, pr, visible, m + idx, l + idx, acc, D);
-        for (int64_t b = 0; b * bs < visible; ++b) {
-          const T* vh = vbs[b] + h * D;
-          const int64_t n = std::min<int64_t>(bs, visible - b * bs);
-          for (int64_t j = 0; j < n; ++j) {
-            const T* vv = vh + j * key_stride;
-            const float pj = pr[b * bs + j];
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acc[d] += pj * load(vv[d]);
-          }
-        }
+        for (int64_t b = 0; b * bs < visible; ++b)
+          pv_accumulate<T, DC>(acc, pr + b * bs, vbs[b] + h * D,
+                               std::min<int64_t>(bs, visible - b * bs), key_stride, D);
       }
     }
   }
@@ -346,6 +369,7 @@ struct Ranges {
     for (int64_t r; (r = next.fetch_add(1)) < count;) {
       fn(r);
       done.fetch_add(1, std::memory_order_release);
+      done.notify_all();
     }
   }
 };
@@ -410,7 +434,10 @@ ffi::Error micro_attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   ranges->fn = [&](int64_t r) { work(bounds[r], bounds[r + 1]); };
   for (int64_t i = 1; i < ranges->count; ++i) pool.Schedule([ranges] { ranges->drain(); });
   ranges->drain();
-  while (ranges->done.load(std::memory_order_acquire) < ranges->count) std::this_thread::yield();
+  // block (futex) rather than spin: the other threads may be simulated
+  // devices' work, or the host, on the same cores
+  for (int64_t d; (d = ranges->done.load(std::memory_order_acquire)) < ranges->count;)
+    ranges->done.wait(d, std::memory_order_acquire);
   return ffi::Error::Success();
 }
 

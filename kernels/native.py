@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro_attention_cpu.cc")
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC", "-pthread")
 _TARGETS = {jnp.dtype(jnp.float32): ("distkv_micro_attention_f32", "DistkvMicroAttentionF32"),
             jnp.dtype(jnp.bfloat16): ("distkv_micro_attention_bf16", "DistkvMicroAttentionBF16")}
 
