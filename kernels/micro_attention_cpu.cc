@@ -63,6 +63,36 @@ inline float exp_nonpos(float x) {
   return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
+// 16 floats as one GCC vector (one AVX-512 register, or two AVX2 ones). The
+// softmax loops are written on these: GCC unrolled the fixed-length scalar
+// loops and then left them scalar.
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+inline f16v load16(const float* p) {
+  f16v v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store16(float* p, f16v v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// exp_nonpos on 16 lanes; n rounded to nearest with the 1.5 * 2^23 trick
+inline f16v exp_nonpos16(f16v x) {
+  x = x < -87.0f ? f16v{} - 87.0f : x;
+  const f16v shifter = f16v{} + 12582912.0f;
+  const f16v n = (x * 1.44269504088896341f + shifter) - shifter;
+  const f16v r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  f16v p = f16v{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  return p * reinterpret_cast<const f16v&>(bits);
+}
+
 struct Shape {
   int64_t n_tiles, q_tile, num_kv, groups, head_dim;  // q [n_tiles, q_tile, Hkv, G, D]
   int64_t pages, block, stored;                        // pages [P, block, stored, D]
@@ -81,16 +111,29 @@ template <int DC>
 inline void online_update(const float* __restrict sc, float* __restrict pr, int64_t visible,
                           float* m, float* l, float* __restrict acc, int64_t head_dim) {
   const int64_t D = DC ? DC : head_dim;
+  // whole chunks of 16 keys as vectors, then a scalar tail
+  const int64_t full = visible & ~int64_t{15};
+  f16v mx = f16v{} + kNegInf;
+  for (int64_t j0 = 0; j0 < full; j0 += 16) {
+    const f16v v = load16(sc + j0);
+    mx = v > mx ? v : mx;
+  }
   float block_max = kNegInf;
-#pragma omp simd reduction(max : block_max)
-  for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, sc[j]);
+  for (int64_t j = 0; j < 16; ++j) block_max = std::max(block_max, mx[j]);
+  for (int64_t j = full; j < visible; ++j) block_max = std::max(block_max, sc[j]);
   const float m_old = *m;
   const float m_new = std::max(m_old, block_max);
   // m_old = -inf: nothing accumulated yet (acc and l are 0)
   const float a = m_old == kNegInf ? 0.0f : exp_nonpos(m_old - m_new);
+  f16v sums = {};
+  for (int64_t j0 = 0; j0 < full; j0 += 16) {
+    const f16v e = exp_nonpos16(load16(sc + j0) - m_new);
+    store16(pr + j0, e);
+    sums += e;
+  }
   float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < visible; ++j) {
+  for (int64_t j = 0; j < 16; ++j) sum += sums[j];
+  for (int64_t j = full; j < visible; ++j) {
     pr[j] = exp_nonpos(sc[j] - m_new);
     sum += pr[j];
   }
@@ -110,15 +153,31 @@ template <typename T, int DC>
 inline void pv_accumulate(float* __restrict acc, const float* __restrict p, const T* v, int64_t n,
                           int64_t key_stride, int64_t head_dim) {
   if constexpr (DC > 0) {
-    float a[DC];
-    for (int64_t d = 0; d < DC; ++d) a[d] = acc[d];
-    for (int64_t j = 0; j < n; ++j) {
+    // four partial sums: one would chain every key's FMA on the previous one
+    float a0[DC], a1[DC] = {}, a2[DC] = {}, a3[DC] = {};
+    for (int64_t d = 0; d < DC; ++d) a0[d] = acc[d];
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const T* v0 = v + j * key_stride;
+      const T* v1 = v0 + key_stride;
+      const T* v2 = v1 + key_stride;
+      const T* v3 = v2 + key_stride;
+      const float p0 = p[j], p1 = p[j + 1], p2 = p[j + 2], p3 = p[j + 3];
+#pragma omp simd
+      for (int64_t d = 0; d < DC; ++d) {
+        a0[d] += p0 * load(v0[d]);
+        a1[d] += p1 * load(v1[d]);
+        a2[d] += p2 * load(v2[d]);
+        a3[d] += p3 * load(v3[d]);
+      }
+    }
+    for (; j < n; ++j) {
       const T* vv = v + j * key_stride;
       const float pj = p[j];
 #pragma omp simd
-      for (int64_t d = 0; d < DC; ++d) a[d] += pj * load(vv[d]);
+      for (int64_t d = 0; d < DC; ++d) a0[d] += pj * load(vv[d]);
     }
-    for (int64_t d = 0; d < DC; ++d) acc[d] = a[d];
+    for (int64_t d = 0; d < DC; ++d) acc[d] = (a0[d] + a1[d]) + (a2[d] + a3[d]);
   } else {
     for (int64_t j = 0; j < n; ++j) {
       const T* vv = v + j * key_stride;
@@ -269,29 +328,9 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
         }
       }
       // online softmax update per (h, g)
-      for (int64_t hg = 0; hg < HG; ++hg) {
-        float* sc = scores.data() + hg * bs;
-        float* pr = probs.data() + hg * bs;
-        float block_max = kNegInf;
-        for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, sc[j]);
-        const float m_old = m[row0 + hg];
-        const float m_new = std::max(m_old, block_max);
-        // m_old = -inf: nothing accumulated yet (acc and l are 0)
-        const float a = m_old == kNegInf ? 0.0f : exp_nonpos(m_old - m_new);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < visible; ++j) {
-          pr[j] = exp_nonpos(sc[j] - m_new);
-          sum += pr[j];
-        }
-        l[row0 + hg] = l[row0 + hg] * a + sum;
-        m[row0 + hg] = m_new;
-        if (a != 1.0f) {
-          float* acc = o + (row0 + hg) * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] *= a;
-        }
-      }
+      for (int64_t hg = 0; hg < HG; ++hg)
+        online_update<DC>(scores.data() + hg * bs, probs.data() + hg * bs, visible, m + row0 + hg,
+                          l + row0 + hg, o + (row0 + hg) * D, D);
       // weighted values, again key by key
       for (int64_t j = 0; j < visible; ++j) {
         const T* vr = vb + j * key_stride;
