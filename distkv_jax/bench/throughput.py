@@ -165,6 +165,7 @@ def main(argv) -> None:
                   flush=True)
         compiles = llm.engine.compiled_programs()
         impl = llm.engine.attention_impl
+        model_config = llm.model_config
         if FLAGS.reference_row and impl != "reference":
             del llm
             ref = LLM(path, mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
@@ -180,7 +181,7 @@ def main(argv) -> None:
                         "reference_attention_decode_step_ms": float(np.median(dec)) * 1e3 if dec else None})
             print(json.dumps({k: round(row[k], 3) for k in ("distkv_reference_attention_tok_per_s",
                                                              "native_over_reference_attention")}), flush=True)
-    result = {"bench": "throughput", "model": dims, "params": _param_count(llm.model_config),
+    result = {"bench": "throughput", "model": dims, "params": _param_count(model_config),
               "rows": rows, "bandwidth": bw, "compiled_programs": compiles, "mesh": "1x1",
               "attention_impl": impl,
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
