@@ -1,8 +1,9 @@
 """The native CPU MicroAttention (micro_attention_cpu.cc): build, register, call.
 
 The C++ source is compiled once per machine with the host's C++ compiler into
-a cache directory ($DISTKV_JAX_CACHE, else ~/.cache/distkv_jax), keyed by the
-source, the flags, the jaxlib version and the CPU architecture; concurrent
+a cache directory ($DISTKV_CACHE, else ~/.cache/distkv_jax, as for the tiny
+model; a temporary directory if that is not writable), keyed by the source,
+the flags, the jaxlib version and the CPU architecture; concurrent
 builders (pytest workers, the processes of a multi-host job) take a file lock
 and the library appears by an atomic rename. Where no compiler is found or the
 build fails, `available()` is False and `error()` says why; impl="auto" then
@@ -35,7 +36,7 @@ _state: dict = {}  # "lib" or "error", once tried
 
 
 def _cache_dir() -> str:
-    root = os.environ.get("DISTKV_JAX_CACHE") or os.path.join(
+    root = os.environ.get("DISTKV_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "distkv_jax")
     return os.path.join(root, "native")
 
@@ -60,7 +61,11 @@ def _build() -> str:
                                      jaxlib.__version__.encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     out_dir = _cache_dir()
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError:  # e.g. a read-only home directory
+        out_dir = os.path.join(tempfile.gettempdir(), f"distkv_jax-native-{os.getuid()}")
+        os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, f"micro_attention_{key}.so")
     if os.path.exists(lib):
         return lib
