@@ -26,7 +26,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <memory>
 #include <limits>
@@ -40,27 +39,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kMasked = int64_t{1} << 30;  // attention_plan.MASKED: an item that attends nothing
 
 inline float load(float x) { return x; }
 inline float load(uint16_t x) {  // bfloat16: the high half of a float32
   return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
-}
-
-// exp(x) for x <= 0, vectorizable (no libm call): 2^n * p(r), r in
-// [-ln2/2, ln2/2], degree-6 Taylor polynomial (relative error < 2e-7).
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // 2^n from the exponent bits (a bit cast: memcpy here blocks vectorization)
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 // 16 floats as one GCC vector (one AVX-512 register, or two AVX2 ones). The
@@ -76,7 +59,9 @@ inline f16v load16(const float* p) {
 }
 inline void store16(float* p, f16v v) { __builtin_memcpy(p, &v, sizeof v); }
 
-// exp_nonpos on 16 lanes; n rounded to nearest with the 1.5 * 2^23 trick
+// exp(x) for x <= 0 on 16 lanes, no libm call: 2^n * p(r), n = round(x / ln2)
+// (the 1.5 * 2^23 trick), r in [-ln2/2, ln2/2], degree-6 Taylor polynomial
+// (relative error < 2e-7), 2^n from the exponent bits.
 inline f16v exp_nonpos16(f16v x) {
   x = x < -87.0f ? f16v{} - 87.0f : x;
   const f16v shifter = f16v{} + 12582912.0f;
@@ -111,20 +96,22 @@ template <int DC>
 inline void online_update(const float* __restrict sc, float* __restrict pr, int64_t visible,
                           float* m, float* l, float* __restrict acc, int64_t head_dim) {
   const int64_t D = DC ? DC : head_dim;
-  // whole chunks of 16 keys as vectors, then a scalar tail
-  const int64_t full = visible & ~int64_t{15};
-  f16v mx = f16v{} + kNegInf;
+  // whole chunks of 16 keys as vectors, then the tail as one vector padded
+  // with -inf (those lanes' exps are dropped)
+  const int64_t full = visible & ~int64_t{15}, tail = visible - full;
+  float last[16];
+  for (int64_t j = 0; j < 16; ++j) last[j] = j < tail ? sc[full + j] : kNegInf;
+  f16v mx = load16(last);
   for (int64_t j0 = 0; j0 < full; j0 += 16) {
     const f16v v = load16(sc + j0);
     mx = v > mx ? v : mx;
   }
   float block_max = kNegInf;
   for (int64_t j = 0; j < 16; ++j) block_max = std::max(block_max, mx[j]);
-  for (int64_t j = full; j < visible; ++j) block_max = std::max(block_max, sc[j]);
   const float m_old = *m;
   const float m_new = std::max(m_old, block_max);
   // m_old = -inf: nothing accumulated yet (acc and l are 0)
-  const float a = m_old == kNegInf ? 0.0f : exp_nonpos(m_old - m_new);
+  const float a = m_old == kNegInf ? 0.0f : exp_nonpos16(f16v{} + (m_old - m_new))[0];
   f16v sums = {};
   for (int64_t j0 = 0; j0 < full; j0 += 16) {
     const f16v e = exp_nonpos16(load16(sc + j0) - m_new);
@@ -133,9 +120,12 @@ inline void online_update(const float* __restrict sc, float* __restrict pr, int6
   }
   float sum = 0.0f;
   for (int64_t j = 0; j < 16; ++j) sum += sums[j];
-  for (int64_t j = full; j < visible; ++j) {
-    pr[j] = exp_nonpos(sc[j] - m_new);
-    sum += pr[j];
+  if (tail) {
+    store16(last, exp_nonpos16(load16(last) - m_new));
+    for (int64_t j = 0; j < tail; ++j) {
+      pr[full + j] = last[j];
+      sum += last[j];
+    }
   }
   *l = *l * a + sum;
   *m = m_new;
@@ -248,40 +238,35 @@ void group_by_head(const Shape& s, const float* q, const int32_t* q_pos, const T
 
 template <typename T, int DC, int BC>
 void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const T* k_pages,
-               const T* v_pages, const int32_t* item_tile, const int32_t* item_block,
-               const int32_t* item_kstart, int64_t head_offset, float scale, float* o,
-               float* m, float* l, int64_t tile_lo, int64_t tile_hi) {
+                     const T* v_pages, const int32_t* item_tile, const int32_t* item_block,
+                     const int32_t* item_kstart, int64_t head_offset, float scale, float* o,
+                     float* m, float* l, int64_t tile_lo, int64_t tile_hi) {
   const int64_t D = DC ? DC : s.head_dim, G = s.groups, bs = BC ? BC : s.block;
   const int64_t HG = s.num_kv * G;
   const int64_t key_stride = s.stored * D;  // floats between keys of one page
   const int64_t page = bs * key_stride;     // floats per page
   const int64_t group_keys = kGroupBlocks * bs;
-  std::vector<float> scores(std::max(HG, int64_t{1}) * group_keys),
-      probs(std::max(HG, int64_t{1}) * group_keys), kt(D * group_keys);
+  std::vector<float> scores(HG * group_keys), probs(HG * group_keys), kt(D * group_keys);
   // prefill tiles (many rows per KV head): keys transposed per head, shared by
   // the rows; decode tiles: per-row dot products over head_dim (measured: each
   // is 1.3-2x faster than the other on its own kind of tile)
   const bool by_head = s.q_tile * G >= 8;
   const T* kbs[kGroupBlocks];
   const T* vbs[kGroupBlocks];
-  auto mine = [&](int64_t w) {
+  auto mine = [&](int64_t w) {  // this range's real items (not padding, not masked)
     const int64_t t = item_tile[w];
     return t >= tile_lo && t < tile_hi && item_block[w] >= 0 && item_block[w] < s.pages &&
-           item_kstart[w] < (1 << 30);
+           item_kstart[w] < kMasked;
   };
-  int64_t next = 0;
-  while (next < s.items && !mine(next)) ++next;
-  while (next < s.items) {
-    const int64_t w = next;
+  int64_t next = -1;
+  auto advance = [&] {  // next: the following item of this range (s.items: none)
     for (++next; next < s.items && !mine(next); ++next) {
     }
-    // The next item's pages are prefetched key by key while this item's keys
-    // are read (spread out, so the prefetches do not pile up), unless the next
-    // page is the adjacent one: the hardware prefetcher's stream covers that.
-    const bool fetch = next < s.items && item_block[next] != item_block[w] + 1;
-    const T* next_k = fetch ? k_pages + item_block[next] * page : nullptr;
-    const T* next_v = fetch ? v_pages + item_block[next] * page : nullptr;
-    const int64_t key_bytes = key_stride * static_cast<int64_t>(sizeof(T));
+  };
+  advance();
+  while (next < s.items) {
+    const int64_t w = next;
+    advance();
     const int64_t t = item_tile[w];
     const int64_t kstart = item_kstart[w];
     const T* kb = k_pages + item_block[w] * page + head_offset * D;
@@ -296,8 +281,7 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
              item_kstart[next] == kstart + nb * bs) {
         kbs[nb] = k_pages + item_block[next] * page + head_offset * D;
         vbs[nb++] = v_pages + item_block[next] * page + head_offset * D;
-        for (++next; next < s.items && !mine(next); ++next) {
-        }
+        advance();
       }
       if (next < s.items) {
         prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
@@ -307,6 +291,13 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
                                scores.data(), probs.data());
       continue;
     }
+    // The next item's pages are prefetched key by key while this item's keys
+    // are read (spread out, so the prefetches do not pile up), unless the next
+    // page is the adjacent one: the hardware prefetcher's stream covers that.
+    const bool fetch = next < s.items && item_block[next] != item_block[w] + 1;
+    const T* next_k = fetch ? k_pages + item_block[next] * page : nullptr;
+    const T* next_v = fetch ? v_pages + item_block[next] * page : nullptr;
+    const int64_t key_bytes = key_stride * static_cast<int64_t>(sizeof(T));
     for (int64_t qi = 0; qi < s.q_tile; ++qi) {
       const int64_t pos = q_pos[t * s.q_tile + qi];
       if (pos < 0) continue;                                            // padding row

@@ -36,9 +36,9 @@ _state: dict = {}  # "lib" or "error", once tried
 
 
 def _cache_dir() -> str:
-    root = os.environ.get("DISTKV_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "distkv_jax")
-    return os.path.join(root, "native")
+    from ..models.tiny import cache_root
+
+    return os.path.join(cache_root(), "native")
 
 
 def _compiler() -> str | None:

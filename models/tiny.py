@@ -109,10 +109,16 @@ def make_tiny_model(path: str, seed: int = 0, init_std: float = 0.1, **overrides
     return path
 
 
+def cache_root() -> str:
+    """The project's cache directory ($DISTKV_CACHE, else ~/.cache/distkv_jax):
+    the tiny model and the native kernel's build live there."""
+    return os.environ.get("DISTKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "distkv_jax")
+
+
 def tiny_model_dir(cache_dir: str | None = None) -> str:
     """The built-in tiny model's directory, created on first use."""
-    cache_dir = cache_dir or os.environ.get(
-        "DISTKV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distkv_jax"))
+    cache_dir = cache_dir or cache_root()
     path = os.path.join(cache_dir, TINY_NAME)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         # Build beside it and rename: the processes of a multi-process job may

@@ -103,9 +103,12 @@ def _ours_run(llm, prompts, new_tokens):
     return elapsed, [o.outputs[0].token_ids for o in outs], list(llm.engine.step_log)
 
 
+def _prompts(n_req, prompt_len, vocab):
+    return np.random.default_rng(0).integers(3, vocab, size=(n_req, prompt_len)).tolist()
+
+
 def _workload(name, llm, path, n_req, prompt_len, new_tokens, vocab, cfg, bw):
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(3, vocab, size=(n_req, prompt_len)).tolist()
+    prompts = _prompts(n_req, prompt_len, vocab)
     ours_s, ours_tok, log = _ours_run(llm, prompts, new_tokens)
     hf_s, hf_tok = _hf_run(path, prompts, new_tokens)
     generated = n_req * new_tokens
@@ -154,9 +157,13 @@ def main(argv) -> None:
         max_ctx = max(p + n for _, _, p, n in loads)
         max_req = max(r for _, r, _, _ in loads)
         kv_blocks = max_req * (-(-max_ctx // FLAGS.block_size)) + 8
-        llm = LLM(path, mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
-                  max_num_seqs=max_req, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                  attention_impl=FLAGS.attention_impl)
+
+        def make_llm(impl):
+            return LLM(path, mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
+                       max_num_seqs=max_req, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                       attention_impl=impl)
+
+        llm = make_llm(FLAGS.attention_impl)
         bw = stream_read_bandwidth(3, 0.5)
         rows = []
         for name, n_req, p, n in loads:
@@ -168,12 +175,8 @@ def main(argv) -> None:
         model_config = llm.model_config
         if FLAGS.reference_row and impl != "reference":
             del llm
-            ref = LLM(path, mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
-                      max_num_seqs=max_req, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                      attention_impl="reference")
-            name, n_req, p, n = loads[0]
-            prompts = np.random.default_rng(0).integers(3, dims["vocab"], size=(n_req, p)).tolist()
-            ref_s, ref_tok, log = _ours_run(ref, prompts, n)
+            _, n_req, p, n = loads[0]
+            ref_s, _, log = _ours_run(make_llm("reference"), _prompts(n_req, p, dims["vocab"]), n)
             row = rows[0]
             dec = [st for pf, d, st in log if pf == 0 and d > 0]
             row.update({"distkv_reference_attention_tok_per_s": n_req * n / ref_s,
