@@ -43,6 +43,12 @@ from .attention_plan import bucket
 from .scheduler import FINISHED, LogitsRow, Request, Scheduler, SchedulerConfig, StepPlan
 
 MIN_BANNED = 8  # banned-token columns (more only when a request bans more)
+# Query rows per attention tile in steps with prefill chunks. The native
+# kernel's prefill path puts 16 rows of one KV head in a vector (q_tile x
+# query heads per KV head); the jnp and Pallas kernels compute q_tile x block
+# scores per item, so a smaller tile wastes less above the causal diagonal.
+PREFILL_Q_TILE = {"native": 16}
+DEFAULT_PREFILL_Q_TILE = 8
 _GREEDY_ROW = {"temperature": 0.0}
 
 
@@ -152,7 +158,8 @@ class Engine:
             kv_policy=config.kv_policy))
         self.scheduler = Scheduler(SchedulerConfig(
             I, config.block_size, nb, max_num_seqs=config.max_num_seqs,
-            max_tokens_per_step=config.max_tokens_per_step), self.kv)
+            max_tokens_per_step=config.max_tokens_per_step,
+            prefill_q_tile=PREFILL_Q_TILE.get(self.attention_impl, DEFAULT_PREFILL_Q_TILE)), self.kv)
         self.copier = KVCopier(mesh)
         self.eos_ids = set(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:

@@ -7,10 +7,10 @@
 // every query head of the KV head use it), and the tile's rows keep an online
 // softmax (running max m, sum l, weighted sum in the output buffer).
 // Two loop orders: decode tiles (few rows per KV head) take per-row dot
-// products over head_dim; prefill tiles take groups of up to 8 consecutive
-// blocks of a tile, keys transposed per head so that the vector lanes run
-// over keys. Common (head_dim, block_size) pairs are compiled with constant
-// loop bounds.
+// products over head_dim; prefill tiles put 16 query rows of one KV head in
+// the vector lanes, so that each key or value element is one broadcast
+// shared by the rows (no transposes, no horizontal sums). Common (head_dim,
+// block_size) pairs are compiled with constant loop bounds.
 //
 // Built by kernels/native.py with the host's compiler (-O3 -march=native) and
 // registered as XLA FFI targets "distkv_micro_attention_{f32,bf16}" (pages of
@@ -178,62 +178,132 @@ inline void pv_accumulate(float* __restrict acc, const float* __restrict p, cons
   }
 }
 
-// A group of consecutive items of one tile (blocks holding consecutive key
-// positions), head by head: the group's keys of the head are transposed to
-// kt [D, keys] so that scores are computed across keys (vector lanes = keys,
-// no horizontal sums), and each (row, group) does one softmax update for all
-// of the group's keys. The transpose is shared by every row of the tile. Used
-// for prefill tiles (many rows per head).
-constexpr int64_t kGroupBlocks = 8;
+// exp(x) for x <= 0 that is exactly 0 below -87 (and for -inf): masked
+// scores must add nothing to the softmax sum.
+inline f16v exp_or_zero16(f16v x) {
+  const f16v e = exp_nonpos16(x);
+  return x < -87.0f ? f16v{} : e;
+}
 
-template <typename T, int DC, int BC>
-void group_by_head(const Shape& s, const float* q, const int32_t* q_pos, const T* const* kbs,
-                   const T* const* vbs, int64_t nblocks, int64_t t, int64_t kstart, float scale,
-                   float* o, float* m, float* l, float* kt, float* sc, float* pr) {
-  // DC, BC: head_dim and block size known at compile time (0: at run time)
-  const int64_t D = DC ? DC : s.head_dim, G = s.groups, bs = BC ? BC : s.block;
-  const int64_t key_stride = s.stored * D;
-  const int64_t nk = nblocks * bs;
-  int64_t last = -1;  // the tile's last real row sees the most keys
-  for (int64_t qi = 0; qi < s.q_tile; ++qi)
-    if (q_pos[t * s.q_tile + qi] >= 0) last = qi;
-  if (last < 0 || q_pos[t * s.q_tile + last] < kstart) return;
-  const int64_t seen = std::min<int64_t>(nk, q_pos[t * s.q_tile + last] - kstart + 1);
-  const int64_t width = (seen + 15) & ~int64_t{15};  // score columns computed (chunks of 16)
-  for (int64_t h = 0; h < s.num_kv; ++h) {
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const T* kh = kbs[b] + h * D;
-      for (int64_t j = 0; j < bs && b * bs + j < seen; ++j)
-        for (int64_t d = 0; d < D; ++d) kt[d * width + b * bs + j] = load(kh[j * key_stride + d]);
-    }
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = seen; j < width; ++j) kt[d * width + j] = 0.0f;
-    for (int64_t qi = 0; qi <= last; ++qi) {
-      const int64_t pos = q_pos[t * s.q_tile + qi];
-      if (pos < 0) continue;
-      const int64_t visible = std::min<int64_t>(seen, pos - kstart + 1);
-      if (visible <= 0) continue;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t idx = ((t * s.q_tile + qi) * s.num_kv + h) * G + g;
-        const float* qv = q + idx * D;
-        for (int64_t j0 = 0; j0 < width; j0 += 16) {  // 16 keys' scores in registers
-          float v[16] = {};
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qv[d] * scale;
-            const float* kr = kt + d * width + j0;
-#pragma omp simd
-            for (int64_t j = 0; j < 16; ++j) v[j] += qd * kr[j];
-          }
-          for (int64_t j = 0; j < 16; ++j) sc[j0 + j] = v[j];
-        }
-        float* acc = o + idx * D;
-        online_update<DC>(sc, pr, visible, m + idx, l + idx, acc, D);
-        for (int64_t b = 0; b * bs < visible; ++b)
-          pv_accumulate<T, DC>(acc, pr + b * bs, vbs[b] + h * D,
-                               std::min<int64_t>(bs, visible - b * bs), key_stride, D);
-      }
+constexpr int64_t kLanes = 16;  // query rows per vector in the prefill path
+
+// Prefill tiles: the vector lanes run over the tile's query rows of one KV
+// head (row r = qi * G + g; 16 per row block), so that every key and value
+// element is one broadcast shared by all rows: no transposes, no horizontal
+// sums, and the online softmax keeps one running max and sum per lane.
+// Accumulators live lane-major in `st` while a tile is being processed:
+// per (KV head, row block): m[16], l[16], then acc[D][16].
+struct LaneTile {
+  int64_t tile = -1;
+  int64_t blocks = 0;          // row blocks per KV head: ceil(q_tile * G / 16)
+  std::vector<float> st, qt;   // state; queries (scaled) [h][rb][D][16]
+  std::vector<int32_t> pos;    // [rb][16]: row positions (padding: INT32_MAX)
+  std::vector<int32_t> lo, hi; // per row block: smallest and largest real position
+};
+
+// One chunk of n <= 16 keys of one block for one row block of one KV head.
+template <typename T, int DC, int NC>
+inline void lanes_chunk(const float* __restrict qt, const T* kb, const T* vb, int64_t key_stride,
+                        int64_t n_rt, int64_t kpos0, const int32_t* pos, bool mask, float* mp,
+                        float* lp, float* __restrict acc, int64_t head_dim) {
+  const int64_t D = DC ? DC : head_dim, n = NC ? NC : n_rt;
+  f16v sc[kLanes];
+  for (int64_t j = 0; j < n; ++j) sc[j] = f16v{};
+  for (int64_t d = 0; d < D; ++d) {  // scores: one broadcast key element per FMA
+    const f16v qd = load16(qt + d * kLanes);
+    for (int64_t j = 0; j < n; ++j) sc[j] += qd * load(kb[j * key_stride + d]);
+  }
+  if (mask) {  // causal: key position > row position
+    i16v pv;
+    __builtin_memcpy(&pv, pos, sizeof pv);
+    for (int64_t j = 0; j < n; ++j)
+      sc[j] = (i16v{} + static_cast<int32_t>(kpos0 + j)) > pv ? f16v{} + kNegInf : sc[j];
+  }
+  f16v mx = sc[0];
+  for (int64_t j = 1; j < n; ++j) mx = sc[j] > mx ? sc[j] : mx;
+  const f16v m_old = load16(mp);
+  const f16v m_new = mx > m_old ? mx : m_old;
+  // a lane that has seen no key yet keeps m = -inf: subtract 0 there, not -inf
+  const f16v m_use = m_new == kNegInf ? f16v{} : m_new;
+  const f16v a = exp_or_zero16(m_old - m_use);
+  f16v sum = {};
+  for (int64_t j = 0; j < n; ++j) {
+    sc[j] = exp_or_zero16(sc[j] - m_use);
+    sum += sc[j];
+  }
+  store16(mp, m_new);
+  store16(lp, load16(lp) * a + sum);
+  for (int64_t d = 0; d < D; ++d) {  // values: one broadcast value element per FMA
+    f16v ad = load16(acc + d * kLanes) * a;
+    for (int64_t j = 0; j < n; ++j) ad += sc[j] * load(vb[j * key_stride + d]);
+    store16(acc + d * kLanes, ad);
+  }
+}
+
+// Moves tile t's accumulators between o/m/l (row-major) and lt.st (lane-major).
+template <int DC>
+void lanes_swap(const Shape& s, LaneTile& lt, float* o, float* m, float* l, bool load_tile,
+                int64_t t, const float* q, const int32_t* q_pos, float scale) {
+  const int64_t D = DC ? DC : s.head_dim, G = s.groups, R = s.q_tile * G;
+  const int64_t per = (D + 2) * kLanes;
+  if (load_tile) {
+    lt.tile = t;
+    lt.blocks = (R + kLanes - 1) / kLanes;
+    lt.st.assign(s.num_kv * lt.blocks * per, 0.0f);
+    lt.qt.assign(s.num_kv * lt.blocks * D * kLanes, 0.0f);
+    lt.pos.assign(lt.blocks * kLanes, std::numeric_limits<int32_t>::max());
+    lt.lo.assign(lt.blocks, std::numeric_limits<int32_t>::max());
+    lt.hi.assign(lt.blocks, -1);
+    for (int64_t r = 0; r < R; ++r) {
+      const int32_t p = q_pos[t * s.q_tile + r / G];
+      if (p < 0) continue;
+      lt.pos[r] = p;
+      lt.lo[r / kLanes] = std::min(lt.lo[r / kLanes], p);
+      lt.hi[r / kLanes] = std::max(lt.hi[r / kLanes], p);
     }
   }
+  for (int64_t h = 0; h < s.num_kv; ++h)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t qi = r / G, g = r % G, rb = r / kLanes, lane = r % kLanes;
+      const int64_t idx = ((t * s.q_tile + qi) * s.num_kv + h) * G + g;
+      float* st = lt.st.data() + (h * lt.blocks + rb) * per;
+      float* acc = st + 2 * kLanes;
+      if (load_tile) {
+        st[lane] = q_pos[t * s.q_tile + qi] < 0 ? kNegInf : m[idx];
+        st[kLanes + lane] = l[idx];
+        float* qt = lt.qt.data() + (h * lt.blocks + rb) * D * kLanes;
+        for (int64_t d = 0; d < D; ++d) {
+          acc[d * kLanes + lane] = o[idx * D + d];
+          qt[d * kLanes + lane] = q[idx * D + d] * scale;
+        }
+      } else if (q_pos[t * s.q_tile + qi] >= 0) {
+        m[idx] = st[lane];
+        l[idx] = st[kLanes + lane];
+        for (int64_t d = 0; d < D; ++d) o[idx * D + d] = acc[d * kLanes + lane];
+      }
+    }
+  if (!load_tile) lt.tile = -1;
+}
+
+// One block (item) of the current lane tile, every KV head and row block.
+template <typename T, int DC, int BC>
+void lanes_block(const Shape& s, LaneTile& lt, const T* kb, const T* vb, int64_t kstart) {
+  const int64_t D = DC ? DC : s.head_dim, bs = BC ? BC : s.block;
+  const int64_t key_stride = s.stored * D, per = (D + 2) * kLanes;
+  constexpr int NC = BC > 0 && BC % kLanes == 0 ? kLanes : 0;  // keys per chunk, if constant
+  for (int64_t h = 0; h < s.num_kv; ++h)
+    for (int64_t rb = 0; rb < lt.blocks; ++rb) {
+      float* st = lt.st.data() + (h * lt.blocks + rb) * per;
+      const float* qt = lt.qt.data() + (h * lt.blocks + rb) * D * kLanes;
+      for (int64_t j0 = 0; j0 < bs; j0 += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, bs - j0), kpos0 = kstart + j0;
+        if (kpos0 > lt.hi[rb]) break;  // no row of the block sees these keys
+        const bool mask = kpos0 + n - 1 > lt.lo[rb];
+        lanes_chunk<T, DC, NC>(qt, kb + (j0 * s.stored + h) * D, vb + (j0 * s.stored + h) * D,
+                               key_stride, n, kpos0, lt.pos.data() + rb * kLanes, mask, st,
+                               st + kLanes, st + 2 * kLanes, D);
+      }
+    }
 }
 
 template <typename T, int DC, int BC>
@@ -245,14 +315,12 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
   const int64_t HG = s.num_kv * G;
   const int64_t key_stride = s.stored * D;  // floats between keys of one page
   const int64_t page = bs * key_stride;     // floats per page
-  const int64_t group_keys = kGroupBlocks * bs;
-  std::vector<float> scores(HG * group_keys), probs(HG * group_keys), kt(D * group_keys);
-  // prefill tiles (many rows per KV head): keys transposed per head, shared by
-  // the rows; decode tiles: per-row dot products over head_dim (measured: each
-  // is 1.3-2x faster than the other on its own kind of tile)
-  const bool by_head = s.q_tile * G >= 8;
-  const T* kbs[kGroupBlocks];
-  const T* vbs[kGroupBlocks];
+  std::vector<float> scores(HG * bs), probs(HG * bs);
+  // tiles with >= 8 rows per KV head: lanes over rows (lanes_block; measured
+  // 2-5x faster than the per-row products there); fewer rows: per-row dot
+  // products over head_dim (10-15% faster than half-empty lanes at 2-4 rows)
+  const bool by_lanes = s.q_tile * G >= 8;
+  LaneTile lt;
   auto mine = [&](int64_t w) {  // this range's real items (not padding, not masked)
     const int64_t t = item_tile[w];
     return t >= tile_lo && t < tile_hi && item_block[w] >= 0 && item_block[w] < s.pages &&
@@ -271,24 +339,16 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
     const int64_t kstart = item_kstart[w];
     const T* kb = k_pages + item_block[w] * page + head_offset * D;
     const T* vb = v_pages + item_block[w] * page + head_offset * D;
-    if (by_head) {
-      // extend the group with the following items of the same tile whose
-      // blocks continue the key positions
-      int64_t nb = 0;
-      kbs[nb] = kb;
-      vbs[nb++] = vb;
-      while (nb < kGroupBlocks && next < s.items && item_tile[next] == t &&
-             item_kstart[next] == kstart + nb * bs) {
-        kbs[nb] = k_pages + item_block[next] * page + head_offset * D;
-        vbs[nb++] = v_pages + item_block[next] * page + head_offset * D;
-        advance();
+    if (by_lanes) {
+      if (lt.tile != t) {
+        if (lt.tile >= 0) lanes_swap<DC>(s, lt, o, m, l, false, lt.tile, q, q_pos, scale);
+        lanes_swap<DC>(s, lt, o, m, l, true, t, q, q_pos, scale);
       }
       if (next < s.items) {
         prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
         prefetch_page(v_pages + item_block[next] * page, page * sizeof(T));
       }
-      group_by_head<T, DC, BC>(s, q, q_pos, kbs, vbs, nb, t, kstart, scale, o, m, l, kt.data(),
-                               scores.data(), probs.data());
+      lanes_block<T, DC, BC>(s, lt, kb, vb, kstart);
       continue;
     }
     // The next item's pages are prefetched key by key while this item's keys
@@ -341,6 +401,7 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
       }
     }
   }
+  if (lt.tile >= 0) lanes_swap<DC>(s, lt, o, m, l, false, lt.tile, q, q_pos, scale);
   // normalize: o = acc / l, lse = m + log l (rows that saw nothing: o = 0, lse = -inf)
   const int64_t per_tile = s.q_tile * s.num_kv * G;
   for (int64_t idx = tile_lo * per_tile; idx < tile_hi * per_tile; ++idx) {

@@ -87,6 +87,8 @@ CASES = [
     ([37, 5, 64], [1, 1, 1], 8, 8, 4, 16, 1, 2),      # decode, 8 KV heads: per-head products
     ([300] * 6 + [40] * 10, [1] * 16, 8, 2, 2, 16, 1, 4),  # 236 items: the native kernel's threads
     ([200, 90], [64, 40], 16, 2, 2, 16, 8, 2),        # prefill tiles over many blocks, threaded
+    ([300, 70], [256, 17], 16, 8, 1, 8, 16, 1),       # the workload bench's prefill: 16 rows x 1 group
+    ([90, 40], [30, 40], 16, 2, 3, 16, 8, 2),         # 24 rows per KV head: a partial row block
 ]
 
 
@@ -136,9 +138,10 @@ def test_native_kernel_builds_and_is_the_cpu_default():
         resolve_impl("fast")
 
 
-def test_native_bfloat16_pages_match_reference():
+@pytest.mark.parametrize("q_tile", [4, 16])  # the decode path and the prefill (lanes) path
+def test_native_bfloat16_pages_match_reference(q_tile):
     rng = np.random.default_rng(11)
-    problem, _ = _paged_problem(rng, [70, 33], [3, 1], 16, 2, 2, 16, 4, run=2)
+    problem, _ = _paged_problem(rng, [70, 33], [20, 1], 16, 2, 2, 16, q_tile, run=2)
     args = {k: jnp.asarray(v) for k, v in problem.items()}
     for name in ("k_pages", "v_pages"):
         args[name] = args[name].astype(jnp.bfloat16)
@@ -146,6 +149,19 @@ def test_native_bfloat16_pages_match_reference():
     nat = micro_attention(**args, scale=0.25, run=2, impl="native")
     for a, b in zip(ref, nat):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=0)
+
+
+def test_native_items_of_a_tile_need_not_be_adjacent():
+    """With runs of one item the work list may interleave tiles: a tile's
+    accumulators are put away and taken up again (prefill path)."""
+    rng = np.random.default_rng(13)
+    problem, refs = _paged_problem(rng, [60, 45], [32, 20], 8, 2, 2, 16, 8, item_pad=0)
+    perm = rng.permutation(len(problem["item_tile"]))
+    for name in ("item_tile", "item_block", "item_kstart"):
+        problem[name] = problem[name][perm]
+    o, lse = micro_attention(**{k: jnp.asarray(v) for k, v in problem.items()},
+                             scale=1 / np.sqrt(16), run=1, impl="native")
+    assert _unpack(o, problem, refs, 8, 2, 2, 16) <= 1e-5
 
 
 _ONE_THREAD = """
