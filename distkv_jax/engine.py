@@ -269,6 +269,11 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return ids
 
+    def sync(self) -> None:
+        """Wait until the step in flight (overlap_steps) has run on the device."""
+        if self._inflight is not None:
+            jax.block_until_ready(self._inflight.result)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 

@@ -50,8 +50,11 @@ def test_bench_capacity_quick(tmp_path):
 def test_bench_workload_quick(tmp_path):
     result, png = _bench("workload", tmp_path)
     assert result["bench"] == "workload" and result["quick"]
-    runs = {r["config"]: r for r in result["runs"]}
+    runs = {r["config"]: r for r in result["runs"] if r["stream"] == "mixed"}
     assert set(runs) == {"distributed", "local", "single"}
+    # the short-only stream ran too, on its own LLM, taking turns with the others
+    (short_only,) = [r for r in result["runs"] if r["stream"] == "short_only"]
+    assert short_only["long"]["requests"] == 0 and short_only["slice_steps"] >= 1
     assert runs["single"]["setup"]["mesh"] == f"1x{result['instances']}"
     for run in runs.values():
         for kind in ("short", "long", "all"):

@@ -38,11 +38,16 @@ Configurations (same devices, same total KV memory):
 
 With --short_only, the distributed configuration also serves the stream
 without its long requests (what local actually serves): the cost of the
-policy itself, apart from the work of the long requests. The runs are
-interleaved (for each rate, every configuration in turn, one LLM each): an
-unrecorded warm-up pass (--warmup), then --repeats recorded passes in
-alternating order; the throughput ratios sum tokens and busy seconds over
-the recorded passes (this machine's speed drifts by +-10% between runs).
+policy itself, apart from the work of the long requests (on an LLM of its
+own). Per rate: an unrecorded warm-up pass (--warmup), then --repeats
+recorded passes. In a pass every configuration serves the stream once, and
+they take turns: --slice_steps engine steps each, round robin, each turn
+starting on an idle machine (the engine's step in flight is waited for at
+the end of a turn, and that wait is counted). This machine's speed drifts
+by 10-25% over seconds; taking turns every ~0.3 s puts a slow spell on every
+configuration alike. The throughput ratios sum tokens and busy seconds over
+the recorded passes. Steps run with overlap (the engine plans step n+1
+while step n runs), except at the end of a turn.
 
 Clock: simulated, in engine steps (deterministic). Each iteration adds the
 requests whose arrival step has come, then runs one engine.step(); when the
@@ -61,6 +66,7 @@ parallelism over 8 splits the KV heads as in Llama-3-8B on 8 GPUs), float32.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import json
 import os
@@ -100,6 +106,8 @@ flags.DEFINE_bool("warmup", True, "per rate, one unrecorded pass over the config
 flags.DEFINE_integer("repeats", 2, "recorded passes per rate, in alternating order (forward, "
                      "reverse, ...); throughput ratios use the tokens and busy seconds summed "
                      "over the passes")
+flags.DEFINE_integer("slice_steps", 64, "engine steps per turn when the configurations of a pass "
+                     "take turns (see _interleaved_pass)")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/workload.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/workload.png", "plot ('' to skip)")
@@ -136,56 +144,88 @@ def _pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else None
 
 
-def run_stream(llm, reqs, rate):
-    """Serve the stream on the step clock; per-request and per-step records."""
-    from distkv_jax import SamplingParams
+class StreamRun:
+    """One configuration serving the stream on its step clock, advanced in
+    slices of steps so that several configurations can take turns."""
 
-    eng = llm.engine
-    todo = sorted(((int(np.floor(r["u"] / rate)), k) for k, r in enumerate(reqs)))
-    recs = {r["id"]: dict(kind=r["kind"], prompt_len=r["prompt_len"], max_tokens=r["max_tokens"])
-            for r in reqs}
-    stats0 = dict(eng.stats)
-    steps = []          # per step: clock, seconds, compiled, generated, prompt tokens, usage
-    clock, k = 0, 0
+    def __init__(self, llm, reqs, rate):
+        self.eng, self.reqs = llm.engine, reqs
+        self.todo = sorted(((int(np.floor(r["u"] / rate)), k) for k, r in enumerate(reqs)))
+        self.recs = {r["id"]: dict(kind=r["kind"], prompt_len=r["prompt_len"], max_tokens=r["max_tokens"])
+                     for r in reqs}
+        self.stats0 = dict(self.eng.stats)
+        self.steps = []   # per step: clock, seconds, compiled, generated, usage
+        self.ends = []    # per step: time.time() at its end (the request metrics' clock)
+        self.clock = self.k = 0
+        self.wall = 0.0
 
-    def finish(out, step_index):
-        rec = recs[out.request_id]
+    def done(self) -> bool:
+        return self.k >= len(self.todo) and not self.eng.has_unfinished()
+
+    def _finish(self, out, step_index):
+        rec = self.recs[out.request_id]
+        m = out.metrics
         rec.update(finish_reason=out.outputs[0].finish_reason, generated=len(out.outputs[0].token_ids),
                    finish_step=step_index, error=out.error,
-                   wall_ttft=(out.metrics.first_token_time - out.metrics.arrival_time
-                              if out.metrics.first_token_time else None))
+                   wall_ttft=(m.first_token_time - m.arrival_time if m.first_token_time else None))
+        if m.first_token_time is not None:
+            # the step() call that read the first token back (it ended after that)
+            rec["first_token_step"] = bisect.bisect_left(self.ends, m.first_token_time)
 
-    while k < len(todo) or eng.has_unfinished():
-        if not eng.has_unfinished() and todo[k][0] > clock:
-            clock = todo[k][0]                       # idle: jump to the next arrival
-        while k < len(todo) and todo[k][0] <= clock:
-            r = reqs[todo[k][1]]
-            params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True)
-            eng.add_request(r["prompt"], params, request_id=r["id"])
-            recs[r["id"]].update(arrival_clock=clock, arrival_step=len(steps))
-            k += 1
-        for out in eng.take_finished_errors():      # refused at submission
-            finish(out, len(steps) - 1)
-        if not eng.has_unfinished():
-            continue
-        c0, g0 = eng.compiled_programs(), eng.stats["generation_tokens"]
-        t0 = time.perf_counter()
-        outs = eng.step()
-        dt = time.perf_counter() - t0
-        s = len(steps)
-        for out in outs:
-            rec = recs[out.request_id]
-            if out.outputs[0].token_ids and "first_token_step" not in rec:
-                rec["first_token_step"] = s
-            if out.finished:
-                finish(out, s)
-        steps.append(dict(clock=clock, seconds=dt, compiled=eng.compiled_programs() > c0,
-                          generated=eng.stats["generation_tokens"] - g0,
-                          usage=[round(float(x), 4) for x in eng.kv_usage()]))
-        clock += 1
-    stats = {key: eng.stats[key] - stats0.get(key, 0) for key in eng.stats}
-    stats["max_remote_blocks"] = eng.stats["max_remote_blocks"]
-    return recs, steps, stats
+    def advance(self, max_steps: int) -> None:
+        """Up to max_steps engine steps; then waits for the step in flight, so
+        that the next configuration's turn starts on an idle machine (the wait
+        counts as part of this configuration's last step)."""
+        from distkv_jax import SamplingParams
+
+        eng, todo, reqs, recs = self.eng, self.todo, self.reqs, self.recs
+        t_slice = time.perf_counter()
+        ran = 0
+        while ran < max_steps and not self.done():
+            if not eng.has_unfinished() and todo[self.k][0] > self.clock:
+                self.clock = todo[self.k][0]           # idle: jump to the next arrival
+            while self.k < len(todo) and todo[self.k][0] <= self.clock:
+                r = reqs[todo[self.k][1]]
+                params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True)
+                eng.add_request(r["prompt"], params, request_id=r["id"])
+                recs[r["id"]].update(arrival_clock=self.clock, arrival_step=len(self.steps))
+                self.k += 1
+            for out in eng.take_finished_errors():      # refused at submission
+                self._finish(out, len(self.steps) - 1)
+            if not eng.has_unfinished():
+                continue
+            c0, g0 = eng.compiled_programs(), eng.stats["generation_tokens"]
+            t0 = time.perf_counter()
+            # only finished requests' outputs, as generate() asks: a streaming
+            # client's per-step outputs re-decode every running request's text
+            outs = eng.step(only_finished=True)
+            dt = time.perf_counter() - t0
+            self.ends.append(time.time())
+            for out in outs:
+                self._finish(out, len(self.steps))
+            self.steps.append(dict(clock=self.clock, seconds=dt, compiled=eng.compiled_programs() > c0,
+                                   generated=eng.stats["generation_tokens"] - g0,
+                                   usage=[round(float(x), 4) for x in eng.kv_usage()]))
+            self.clock += 1
+            ran += 1
+        if self.steps:
+            t0 = time.perf_counter()
+            eng.sync()
+            self.steps[-1]["seconds"] += time.perf_counter() - t0
+        self.wall += time.perf_counter() - t_slice
+
+    def result(self):
+        eng = self.eng
+        stats = {key: eng.stats[key] - self.stats0.get(key, 0) for key in eng.stats}
+        stats["max_remote_blocks"] = eng.stats["max_remote_blocks"]
+        return self.recs, self.steps, stats
+
+
+def run_stream(llm, reqs, rate):
+    """Serve the whole stream; per-request and per-step records."""
+    run = StreamRun(llm, reqs, rate)
+    run.advance(1 << 62)
+    return run.result()
 
 
 def summarize(recs, steps, stats):
@@ -229,23 +269,47 @@ def summarize(recs, steps, stats):
     return out
 
 
-def _one_run(llm, name, setup, stream, stream_reqs, rate, repeat=0):
-    t0 = time.perf_counter()
-    recs, steps, stats = run_stream(llm, stream_reqs, rate)
-    run = {"config": name, "stream": stream, "rate": rate, "repeat": repeat, "setup": setup,
-           "per_request_limit_tokens": llm.engine.kv.max_request_tokens(0),
-           "wall_seconds": time.perf_counter() - t0, **summarize(recs, steps, stats),
-           "kv_usage": [s["usage"] for s in steps], "step_clock": [s["clock"] for s in steps],
-           "requests_detail": recs}
-    brief = {k: run[k] for k in ("config", "stream", "rate", "repeat", "steps", "busy_seconds",
-                                 "compile_steps", "median_step_ms")}
-    for kind in ("short", "long"):
-        if run[kind]["requests"]:
-            brief[kind] = {k: run[kind][k] for k in ("completed", "rejected", "truncated",
-                                                     "output_tok_per_s")}
-    brief["preemptions"] = stats["preemptions"]
-    print(json.dumps(brief), flush=True)
-    return run
+def _interleaved_pass(runs_spec, rate, repeat, slice_steps):
+    """Every configuration serves the stream once; they take turns, slice_steps
+    engine steps each (the first to go rotates), each turn starting on an
+    idle machine. A slow spell of this shared machine then falls on all of
+    them alike, instead of on whichever ran the whole stream at that time."""
+    # As a serving process does after start-up (vLLM freezes its heap): what
+    # is alive now (models, compiled programs, JAX's caches) is left out of
+    # the collector's full passes, whose pauses would otherwise land on
+    # whichever configuration happens to be running.
+    gc.collect()
+    gc.freeze()
+    try:
+        live = [(spec, StreamRun(spec["llm"], spec["reqs"], rate)) for spec in runs_spec]
+        turn = 0
+        while any(not sr.done() for _, sr in live):
+            for j in range(len(live)):
+                spec, sr = live[(turn + j) % len(live)]
+                if not sr.done():
+                    sr.advance(slice_steps)
+            turn += 1
+    finally:
+        gc.unfreeze()
+    out = []
+    for spec, sr in live:
+        recs, steps, stats = sr.result()
+        llm = spec["llm"]
+        run = {"config": spec["name"], "stream": spec["stream"], "rate": rate, "repeat": repeat,
+               "setup": spec["setup"], "per_request_limit_tokens": llm.engine.kv.max_request_tokens(0),
+               "wall_seconds": sr.wall, "slice_steps": slice_steps, **summarize(recs, steps, stats),
+               "kv_usage": [s["usage"] for s in steps], "step_clock": [s["clock"] for s in steps],
+               "requests_detail": recs}
+        brief = {k: run[k] for k in ("config", "stream", "rate", "repeat", "steps", "busy_seconds",
+                                     "compile_steps", "median_step_ms")}
+        for kind in ("short", "long"):
+            if run[kind]["requests"]:
+                brief[kind] = {k: run[kind][k] for k in ("completed", "rejected", "truncated",
+                                                         "output_tok_per_s")}
+        brief["preemptions"] = stats["preemptions"]
+        print(json.dumps(brief), flush=True)
+        out.append(run)
+    return out
 
 
 def _model_dir(tmp, kv_heads):
@@ -264,7 +328,7 @@ def main(argv) -> None:
                                       FLAGS.short_min, FLAGS.short_max)
     long_factor, long_out, seqs, budget = (FLAGS.long_factor, FLAGS.long_output, FLAGS.max_num_seqs,
                                            FLAGS.max_num_batched_tokens)
-    warmup, repeats = FLAGS.warmup, FLAGS.repeats
+    warmup, repeats, slice_steps = FLAGS.warmup, FLAGS.repeats, FLAGS.slice_steps
     if FLAGS.quick:
         I, B, rates, n_short, n_long, scale, hi = 2, 8, [0.5], 6, 1, 0.05, 24
         warmup = FLAGS.warmup if FLAGS["warmup"].present else False
@@ -294,15 +358,18 @@ def main(argv) -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         model = _model_dir(tmp, kvh)
-        # One LLM per configuration, kept for the whole benchmark: the runs are
-        # interleaved (for each rate, every configuration in turn) so that a
-        # slow spell of this shared machine does not land on one configuration.
-        llms = {name: LLM(model, block_size=bs, **setups[name]) for name in FLAGS.configs}
-        order = []
+        # One LLM per configuration and stream, kept for the whole benchmark
+        # (the short-only stream runs on its own distributed LLM: the runs of
+        # a pass are interleaved, see _interleaved_pass).
+        shorts = [r for r in reqs if r["kind"] == "short"]
+        specs = []
         for name in FLAGS.configs:
-            order.append((name, "mixed", reqs))
+            streams = [("mixed", reqs)]
             if name == "distributed" and FLAGS.short_only:
-                order.append((name, "short_only", [r for r in reqs if r["kind"] == "short"]))
+                streams.append(("short_only", shorts))
+            for stream, stream_reqs in streams:
+                specs.append(dict(name=name, stream=stream, reqs=stream_reqs, setup=setups[name],
+                                  llm=LLM(model, block_size=bs, **setups[name])))
         for rate in rates:
             # Drop compiled programs between rates: XLA:CPU maps each program's
             # code into many memory mappings, and a process may hold at most
@@ -310,13 +377,11 @@ def main(argv) -> None:
             jax.clear_caches()
             gc.collect()
             if warmup:
-                for name, stream, stream_reqs in order:
-                    _one_run(llms[name], name, setups[name], stream, stream_reqs, rate, repeat=-1)
+                _interleaved_pass(specs, rate, -1, slice_steps)
             for rep in range(repeats):
-                for name, stream, stream_reqs in (order if rep % 2 == 0 else order[::-1]):
-                    runs.append(_one_run(llms[name], name, setups[name], stream, stream_reqs, rate,
-                                         repeat=rep))
-        del llms
+                runs += _interleaved_pass(specs if rep % 2 == 0 else specs[::-1], rate, rep,
+                                          slice_steps)
+        del specs
     comparison = _compare(runs, rates)
     print(json.dumps(comparison), flush=True)
     result = {"bench": "workload", "instances": I, "block_size": bs, "kv_blocks_per_instance": B,
