@@ -91,8 +91,10 @@ class _Tracked:
     prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0
     text: str = ""
-    text_tokens: int = 0            # generated tokens that `text` reflects
+    text_tokens: int = 0            # `text` decodes generated[:text_tokens]
+    text_exact: bool = True         # ... by a full decode (else incrementally)
     text_final: bool = False        # cut at a stop string: never re-decoded
+    text_prefix: int = 0            # incremental: context tokens re-decoded with new ones
     finish_reason: str | None = None
     stop_reason: Any = None
     error: str | None = None
@@ -506,10 +508,30 @@ class Engine:
 
     # --------------------------------------------------------------- outputs
     def _refresh_text(self, t: _Tracked) -> None:
-        if self.tokenizer is None or t.text_final or t.text_tokens == len(t.generated):
+        """Bring t.text up to date with t.generated. A finished request, or one
+        with stop strings (matched on the text), gets a full decode: exactly
+        the tokenizer's decode of its tokens. A running request's streamed
+        text is decoded incrementally, as vLLM does: only the new tokens plus
+        a few tokens of context, so a streamed request costs O(tokens), not
+        O(tokens^2), in decoding. The new text is taken once it no longer
+        ends in an incomplete UTF-8 character (U+FFFD)."""
+        if self.tokenizer is None or t.text_final:
             return
-        t.text = self.tokenizer.decode(t.generated, skip_special_tokens=t.params.skip_special_tokens)
-        t.text_tokens = len(t.generated)
+        ids, skip = t.generated, t.params.skip_special_tokens
+        exact = t.finished or bool(t.params.stop)
+        if t.text_tokens == len(ids) and (t.text_exact or not exact):
+            return
+        if exact:
+            t.text = self.tokenizer.decode(ids, skip_special_tokens=skip)
+            t.text_tokens = t.text_prefix = len(ids)
+            t.text_exact = True
+            return
+        before = self.tokenizer.decode(ids[t.text_prefix:t.text_tokens], skip_special_tokens=skip)
+        after = self.tokenizer.decode(ids[t.text_prefix:], skip_special_tokens=skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            t.text += after[len(before):]
+            t.text_prefix, t.text_tokens = t.text_tokens, len(ids)
+            t.text_exact = False
 
     def _output(self, t: _Tracked) -> RequestOutput:
         self._refresh_text(t)

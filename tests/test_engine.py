@@ -195,6 +195,40 @@ def test_streaming_yields_incremental_outputs(tiny_llm):
     assert sorted(seen.values()) == [5, 5]
 
 
+def test_streamed_text_is_decoded_incrementally(tiny_llm, monkeypatch):
+    """Streamed outputs carry the text of the tokens so far (up to a trailing
+    incomplete UTF-8 character) decoded incrementally: the tokens decoded over
+    a whole stream grow linearly with its length, not quadratically; the
+    finished output's text is the tokenizer's full decode."""
+    tok = tiny_llm.engine.tokenizer
+    decode = tok.decode
+    decoded = []
+
+    def counting(ids, **kw):
+        decoded.append(len(ids))
+        return decode(ids, **kw)
+
+    monkeypatch.setattr(tok, "decode", counting)
+    n = 64
+    prompts = ["the quick brown fox", [7, 8, 9], "jumps over the lazy dog"]
+    params = [SamplingParams(temperature=0.9, seed=k, max_tokens=n, ignore_eos=True) for k in range(3)]
+    last = {}
+    for out in tiny_llm.generate_stream(prompts, params):
+        ids, text = out.outputs[0].token_ids, out.outputs[0].text
+        full = decode(ids, skip_special_tokens=True)
+        if out.finished:
+            assert text == full
+        else:
+            # behind the full decode at most by an incomplete last character
+            assert full.startswith(text) and full[len(text):].strip("\ufffd") == ""
+        last[out.request_id] = len(ids)
+    assert sorted(last.values()) == [n] * 3
+    # 3 streams of 64 tokens: about 2 x 2 tokens per step plus one full decode
+    # each at the end (a full decode per step would be 3 x 64 x 65 / 2 = 6,240)
+    print(f"tokens decoded for 3 streams of {n}: {sum(decoded)}")
+    assert sum(decoded) <= 3 * (8 * n + n)
+
+
 def test_compilations_are_bounded(tiny_llm):
     """A mixed workload of 64 requests (prompt lengths 1..120, 1..24 new
     tokens) compiles a bounded number of XLA programs."""
