@@ -240,49 +240,58 @@ inline void lanes_chunk(const float* __restrict qt, const T* kb, const T* vb, in
   }
 }
 
-// Moves tile t's accumulators between o/m/l (row-major) and lt.st (lane-major).
+// Takes up tile t: its accumulators (o, m, l: row-major; o and l start at 0,
+// m at -inf) and scaled queries, lane-major into lt.
 template <int DC>
-void lanes_swap(const Shape& s, LaneTile& lt, float* o, float* m, float* l, bool load_tile,
+void lanes_take(const Shape& s, LaneTile& lt, const float* o, const float* m, const float* l,
                 int64_t t, const float* q, const int32_t* q_pos, float scale) {
   const int64_t D = DC ? DC : s.head_dim, G = s.groups, R = s.q_tile * G;
   const int64_t per = (D + 2) * kLanes;
-  if (load_tile) {
-    lt.tile = t;
-    lt.blocks = (R + kLanes - 1) / kLanes;
-    lt.st.assign(s.num_kv * lt.blocks * per, 0.0f);
-    lt.qt.assign(s.num_kv * lt.blocks * D * kLanes, 0.0f);
-    lt.pos.assign(lt.blocks * kLanes, std::numeric_limits<int32_t>::max());
-    lt.lo.assign(lt.blocks, std::numeric_limits<int32_t>::max());
-    lt.hi.assign(lt.blocks, -1);
-    for (int64_t r = 0; r < R; ++r) {
-      const int32_t p = q_pos[t * s.q_tile + r / G];
-      if (p < 0) continue;
-      lt.pos[r] = p;
-      lt.lo[r / kLanes] = std::min(lt.lo[r / kLanes], p);
-      lt.hi[r / kLanes] = std::max(lt.hi[r / kLanes], p);
-    }
+  lt.tile = t;
+  lt.blocks = (R + kLanes - 1) / kLanes;
+  lt.st.assign(s.num_kv * lt.blocks * per, 0.0f);
+  lt.qt.assign(s.num_kv * lt.blocks * D * kLanes, 0.0f);
+  lt.pos.assign(lt.blocks * kLanes, std::numeric_limits<int32_t>::max());
+  lt.lo.assign(lt.blocks, std::numeric_limits<int32_t>::max());
+  lt.hi.assign(lt.blocks, -1);
+  for (int64_t r = 0; r < R; ++r) {
+    const int32_t p = q_pos[t * s.q_tile + r / G];
+    if (p < 0) continue;
+    lt.pos[r] = p;
+    lt.lo[r / kLanes] = std::min(lt.lo[r / kLanes], p);
+    lt.hi[r / kLanes] = std::max(lt.hi[r / kLanes], p);
   }
   for (int64_t h = 0; h < s.num_kv; ++h)
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t qi = r / G, g = r % G, rb = r / kLanes, lane = r % kLanes;
-      const int64_t idx = ((t * s.q_tile + qi) * s.num_kv + h) * G + g;
+      const int64_t idx = ((t * s.q_tile + r / G) * s.num_kv + h) * G + r % G;
+      const int64_t rb = r / kLanes, lane = r % kLanes;
       float* st = lt.st.data() + (h * lt.blocks + rb) * per;
-      float* acc = st + 2 * kLanes;
-      if (load_tile) {
-        st[lane] = q_pos[t * s.q_tile + qi] < 0 ? kNegInf : m[idx];
-        st[kLanes + lane] = l[idx];
-        float* qt = lt.qt.data() + (h * lt.blocks + rb) * D * kLanes;
-        for (int64_t d = 0; d < D; ++d) {
-          acc[d * kLanes + lane] = o[idx * D + d];
-          qt[d * kLanes + lane] = q[idx * D + d] * scale;
-        }
-      } else if (q_pos[t * s.q_tile + qi] >= 0) {
-        m[idx] = st[lane];
-        l[idx] = st[kLanes + lane];
-        for (int64_t d = 0; d < D; ++d) o[idx * D + d] = acc[d * kLanes + lane];
+      float* qt = lt.qt.data() + (h * lt.blocks + rb) * D * kLanes;
+      st[lane] = m[idx];
+      st[kLanes + lane] = l[idx];
+      for (int64_t d = 0; d < D; ++d) {
+        st[(2 + d) * kLanes + lane] = o[idx * D + d];
+        qt[d * kLanes + lane] = q[idx * D + d] * scale;
       }
     }
-  if (!load_tile) lt.tile = -1;
+}
+
+// Puts the current tile's accumulators back into o, m, l (real rows only).
+template <int DC>
+void lanes_put(const Shape& s, LaneTile& lt, float* o, float* m, float* l, const int32_t* q_pos) {
+  const int64_t D = DC ? DC : s.head_dim, G = s.groups, R = s.q_tile * G, t = lt.tile;
+  const int64_t per = (D + 2) * kLanes;
+  for (int64_t h = 0; h < s.num_kv; ++h)
+    for (int64_t r = 0; r < R; ++r) {
+      if (q_pos[t * s.q_tile + r / G] < 0) continue;
+      const int64_t idx = ((t * s.q_tile + r / G) * s.num_kv + h) * G + r % G;
+      const int64_t rb = r / kLanes, lane = r % kLanes;
+      const float* st = lt.st.data() + (h * lt.blocks + rb) * per;
+      m[idx] = st[lane];
+      l[idx] = st[kLanes + lane];
+      for (int64_t d = 0; d < D; ++d) o[idx * D + d] = st[(2 + d) * kLanes + lane];
+    }
+  lt.tile = -1;
 }
 
 // One block (item) of the current lane tile, every KV head and row block.
@@ -315,12 +324,12 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
   const int64_t HG = s.num_kv * G;
   const int64_t key_stride = s.stored * D;  // floats between keys of one page
   const int64_t page = bs * key_stride;     // floats per page
-  std::vector<float> scores(HG * bs), probs(HG * bs);
   // tiles with >= 8 rows per KV head: lanes over rows (lanes_block; measured
   // 2-5x faster than the per-row products there); fewer rows: per-row dot
   // products over head_dim (10-15% faster than half-empty lanes at 2-4 rows)
   const bool by_lanes = s.q_tile * G >= 8;
   LaneTile lt;
+  std::vector<float> scores(by_lanes ? 0 : HG * bs), probs(by_lanes ? 0 : HG * bs);
   auto mine = [&](int64_t w) {  // this range's real items (not padding, not masked)
     const int64_t t = item_tile[w];
     return t >= tile_lo && t < tile_hi && item_block[w] >= 0 && item_block[w] < s.pages &&
@@ -341,8 +350,8 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
     const T* vb = v_pages + item_block[w] * page + head_offset * D;
     if (by_lanes) {
       if (lt.tile != t) {
-        if (lt.tile >= 0) lanes_swap<DC>(s, lt, o, m, l, false, lt.tile, q, q_pos, scale);
-        lanes_swap<DC>(s, lt, o, m, l, true, t, q, q_pos, scale);
+        if (lt.tile >= 0) lanes_put<DC>(s, lt, o, m, l, q_pos);
+        lanes_take<DC>(s, lt, o, m, l, t, q, q_pos, scale);
       }
       if (next < s.items) {
         prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
@@ -401,7 +410,7 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
       }
     }
   }
-  if (lt.tile >= 0) lanes_swap<DC>(s, lt, o, m, l, false, lt.tile, q, q_pos, scale);
+  if (lt.tile >= 0) lanes_put<DC>(s, lt, o, m, l, q_pos);
   // normalize: o = acc / l, lse = m + log l (rows that saw nothing: o = 0, lse = -inf)
   const int64_t per_tile = s.q_tile * s.num_kv * G;
   for (int64_t idx = tile_lo * per_tile; idx < tile_hi * per_tile; ++idx) {
