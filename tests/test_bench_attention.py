@@ -28,4 +28,8 @@ def test_bench_attention_quick(tmp_path):
         assert row["max_abs_diff_spread_vs_kv_moving"] <= 1e-5
         assert row["kv_moving_bytes_per_step"] > row["dist_bytes_per_step"] > 0
     assert result["bandwidth"]["kv_read_GBps"] > 0
+    pre = result["prefill"]
+    for q_tile in (8, 16):
+        assert pre[f"native_q_tile{q_tile}_ms"] > 0 and pre[f"reference_q_tile{q_tile}_ms"] > 0
+        assert pre[f"max_abs_diff_q_tile{q_tile}"] <= 1e-5
     assert (tmp_path / "attention.png").stat().st_size > 0

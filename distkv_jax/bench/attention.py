@@ -21,6 +21,12 @@ the native kernel; one device, one sequence: one query tile, so the native
 kernel runs on one thread) KV bytes read per second at --bandwidth_context, against this machine's memory
 bandwidth measured two ways: XLA streaming read (jnp.sum over 1 GiB on one
 CPU device; XLA may use both cores) and one-thread numpy sum.
+
+And a prefill point: MicroAttention alone on one device for one chunk of
+--prefill_chunk new tokens at a context of --prefill_context tokens, with the
+workload benchmark's heads (--prefill_heads query = KV heads of head_dim
+--prefill_head_dim), planned as the engine plans it (query tiles of 8 and of
+16 rows), jnp reference and native kernel; both checked against each other.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ flags.DEFINE_integer("num_kv_heads", 8, "KV heads")
 flags.DEFINE_integer("head_dim", 128, "head dimension")
 flags.DEFINE_integer("iters", 5, "timed iterations per point (median reported)")
 flags.DEFINE_integer("bandwidth_context", 32768, "context of the single-device bandwidth measurement")
+flags.DEFINE_integer("prefill_context", 4096, "prefill point: context (tokens) at the chunk's end")
+flags.DEFINE_integer("prefill_chunk", 256, "prefill point: new tokens in the chunk")
+flags.DEFINE_integer("prefill_heads", 8, "prefill point: query heads = KV heads")
+flags.DEFINE_integer("prefill_head_dim", 8, "prefill point: head dimension")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/attention.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/attention.png", "plot ('' to skip)")
@@ -198,10 +208,46 @@ def _bandwidth(N, bs, Hq, Hkv, D, iters):
     return out
 
 
+def _prefill_point(N, chunk, bs, H, D, iters):
+    """MicroAttention for one prefill chunk (the last `chunk` of N tokens), per
+    query tile and implementation."""
+    import jax
+    import jax.numpy as jnp
+
+    from distkv_jax.attention_plan import PoolGeometry, SeqQuery, build_attention_plan
+    from distkv_jax.kernels.micro_attention import micro_attention
+
+    P_ = -(-N // bs)
+    rng = np.random.default_rng(1)
+    k = jnp.asarray(rng.standard_normal((P_, bs, H, D), np.float32))
+    v = jnp.asarray(rng.standard_normal((P_, bs, H, D), np.float32))
+    seq = SeqQuery(0, 0, range(N - chunk, N), rng.permutation(P_).tolist())
+    scores = H * sum(p + 1 for p in range(N - chunk, N))  # causal (query, key) pairs
+    out = {"context": N, "chunk": chunk, "heads": H, "head_dim": D, "scores": scores}
+    for q_tile in (8, 16):
+        plan = build_attention_plan([seq], PoolGeometry(1, P_, bs), chunk, q_tile=q_tile)
+        rows = plan.tile_rows
+        q = jnp.asarray(rng.standard_normal((rows.shape[0], q_tile, H, 1, D), np.float32))
+        q_pos = jnp.asarray(np.where(rows >= 0, plan.positions[np.maximum(rows, 0)], -1), jnp.int32)
+        args = (q, q_pos, k, v, *(jnp.asarray(a.reshape(-1)) for a in
+                                  (plan.item_tile, plan.item_block, plan.item_kstart)))
+        res = {}
+        for impl in ("reference", "native"):
+            fn = jax.jit(functools.partial(micro_attention, scale=D ** -0.5, run=plan.run, impl=impl))
+            res[impl] = np.asarray(fn(*args)[0])
+            t = median_time(lambda: fn(*args)[0].block_until_ready(), iters)
+            out[f"{impl}_q_tile{q_tile}_ms"] = t * 1e3
+            out[f"{impl}_q_tile{q_tile}_ns_per_score"] = t / scores * 1e9
+        out[f"max_abs_diff_q_tile{q_tile}"] = float(np.abs(res["native"] - res["reference"]).max())
+    return out
+
+
 def main(argv) -> None:
     del argv
+    pre = (FLAGS.prefill_context, FLAGS.prefill_chunk, FLAGS.prefill_heads, FLAGS.prefill_head_dim)
     if FLAGS.quick:
         contexts, Hq, Hkv, D, iters, bw_ctx = [256, 1024], 4, 2, 16, 2, 1024
+        pre = (256, 64, 2, 8)
     else:
         contexts = [int(c) for c in FLAGS.contexts]
         Hq, Hkv, D, iters, bw_ctx = (FLAGS.num_heads, FLAGS.num_kv_heads, FLAGS.head_dim,
@@ -235,11 +281,14 @@ def main(argv) -> None:
         del s
     bw = _bandwidth(bw_ctx, bs, Hq, Hkv, D, iters)
     print(json.dumps(bw), flush=True)
+    prefill = _prefill_point(*pre[:2], bs, *pre[2:], iters)
+    print(json.dumps(prefill), flush=True)
     from distkv_jax.kernels.micro_attention import resolve_impl
 
     result = {"bench": "attention", "instances": I, "block_size": bs, "num_heads": Hq,
               "num_kv_heads": Hkv, "head_dim": D, "dtype": "float32", "sequences_per_step": I,
               "attention_impl": resolve_impl("auto"), "rows": rows, "bandwidth": bw,
+              "prefill": prefill,
               "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)
