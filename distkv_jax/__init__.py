@@ -2,14 +2,15 @@
 
     from distkv_jax import LLM, SamplingParams
 
-The package root imports nothing heavy: `LLM` and `generate` load on first
+The package root imports nothing heavy: `LLM`, `AsyncLLM` and `generate` load on first
 use, so the control plane modules (block managers, scheduler) stay
 importable without JAX.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "generate"]
+__all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "generate"]
 
 
 def __getattr__(name):
@@ -17,6 +18,14 @@ def __getattr__(name):
         from . import llm
 
         return getattr(llm, name)
+    if name == "AsyncLLM":
+        from .async_llm import AsyncLLM
+
+        return AsyncLLM
+    if name == "EngineArgs":
+        from .engine_args import EngineArgs
+
+        return EngineArgs
     if name == "SamplingParams":
         from .sampling_params import SamplingParams
 

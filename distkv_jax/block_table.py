@@ -1,15 +1,12 @@
 """Block table: per request, its logical blocks' global device ids (no JAX).
 
-Plus the views a step needs: the blocks each instance holds for a batch
-(``instance_views``), and the global slots of new tokens (``slots``).
+Plus the global slots of a request's token positions (``slots``).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
-from distkv_jax.kv_types import InstanceBlockView, RequestId
+from distkv_jax.kv_types import RequestId
 
 
 class _Row:
@@ -79,9 +76,6 @@ class BlockTable:
     def num_blocks(self, rid: RequestId) -> int:
         return self._rows[rid].n
 
-    def owners(self, rid: RequestId) -> np.ndarray:
-        return self._rows[rid].view() // self.blocks_per_instance
-
     # -- step views ----------------------------------------------------------
     def slots(self, rid: RequestId, start: int, n: int) -> np.ndarray:
         """Global slots of token positions ``start .. start+n-1``."""
@@ -92,25 +86,3 @@ class BlockTable:
                               dtype=np.int64)
         pos = np.arange(start, start + n, dtype=np.int64)
         return ids[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def instance_views(self, rids: Sequence[RequestId]) -> list[InstanceBlockView]:
-        """For each instance, the (row, logical, block) triples it holds."""
-        views = [self._rows[r].view() for r in rids]
-        lens = np.asarray([v.shape[0] for v in views], dtype=np.int64)
-        if lens.sum() == 0:
-            e = np.zeros(0, dtype=np.int64)
-            return [InstanceBlockView(i, e, e, e) for i in range(self.num_instances)]
-        block = np.concatenate(views)
-        row = np.repeat(np.arange(len(rids), dtype=np.int64), lens)
-        starts = np.cumsum(lens) - lens
-        logical = np.arange(block.shape[0], dtype=np.int64) - np.repeat(starts, lens)
-        owner = block // self.blocks_per_instance
-        # stable sort keeps (row, logical) order; int16 keys use a radix sort
-        key = owner.astype(np.int16) if self.num_instances < (1 << 15) else owner
-        order = np.argsort(key, kind="stable")
-        bounds = np.searchsorted(owner[order], np.arange(self.num_instances + 1))
-        out = []
-        for i in range(self.num_instances):
-            sl = order[bounds[i] : bounds[i + 1]]
-            out.append(InstanceBlockView(i, row[sl], logical[sl], block[sl]))
-        return out

@@ -70,19 +70,6 @@ class GlobalManager:
             rem -= take
         return out
 
-    def allocate_on(self, debtor: int, instance: int, n: int) -> list[int] | None:
-        """``n`` blocks on a given instance for a request homed on ``debtor``."""
-        if instance == debtor:
-            if self.managers[instance].num_free < n:
-                return None
-            return self.managers[instance].allocate_local(n)
-        if self.config.kv_policy == "local":
-            return None
-        got = self.managers[instance].allocate_remote(debtor, n)
-        if got is not None:
-            self.ledger[debtor, instance] += n
-        return got
-
     def free(self, debtor: int, global_ids: Sequence[int]) -> None:
         """Return blocks held by a request homed on ``debtor``."""
         if len(global_ids) == 0:

@@ -31,21 +31,25 @@ from distkv_jax.host_tier import HostTier
 from distkv_jax.kv_types import (
     CopyPlan,
     GrowResult,
-    InstanceBlockView,
     KVCacheConfig,
     Preemption,
     RequestId,
     StepKVPlan,
 )
 
-RUNNING = "running"
-SWAPPED = "swapped"
+from distkv_jax.request import RequestStatus
+
+RUNNING, SWAPPED = RequestStatus.RUNNING, RequestStatus.SWAPPED
 
 _EMPTY_SLOTS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
-class _Request:
+class _Allocation:
+    """The blocks side of one request id: its home, KV length and host
+    blocks (as vLLM's KV manager keeps req_to_blocks). The request itself is
+    `request.Request`; this manager is keyed by its id and tested alone."""
+
     rid: RequestId
     seq: int
     home: int
@@ -62,7 +66,7 @@ class KVCacheManager:
         self.table = BlockTable(
             config.block_size, config.blocks_per_instance, config.num_instances
         )
-        self._reqs: dict[RequestId, _Request] = {}
+        self._reqs: dict[RequestId, _Allocation] = {}
         self._next_seq = 0
 
     # ------------------------------------------------------------------ queries
@@ -70,7 +74,7 @@ class KVCacheManager:
         """Live request ids in arrival order."""
         return [r.rid for r in self._ordered()]
 
-    def _ordered(self, state: str | None = None) -> list[_Request]:
+    def _ordered(self, state: str | None = None) -> list[_Allocation]:
         rs = sorted(self._reqs.values(), key=lambda r: r.seq)
         return rs if state is None else [r for r in rs if r.state == state]
 
@@ -112,9 +116,6 @@ class KVCacheManager:
     def slots(self, rid: RequestId, start: int, n: int) -> np.ndarray:
         return self.table.slots(rid, start, n)
 
-    def instance_views(self, rids: Sequence[RequestId]) -> list[InstanceBlockView]:
-        return self.table.instance_views(rids)
-
     def snapshot(self) -> dict:
         """Plain-data state, for determinism checks and debugging."""
         reqs = []
@@ -140,7 +141,7 @@ class KVCacheManager:
         home = self.choose_instance() if instance is None else int(instance)
         if not 0 <= home < self.config.num_instances:
             raise ValueError(f"instance {home} out of range")
-        self._reqs[rid] = _Request(rid, self._next_seq, home)
+        self._reqs[rid] = _Allocation(rid, self._next_seq, home)
         self._next_seq += 1
         self.table.add(rid)
         return home
@@ -183,7 +184,7 @@ class KVCacheManager:
         r.num_tokens = start + n
         return GrowResult(rid, "ok", start, n, self.table.slots(rid, start, n), tuple(preemptions))
 
-    def _gain(self, victim: _Request, home: int) -> int:
+    def _gain(self, victim: _Allocation, home: int) -> int:
         """How many more blocks a request homed on ``home`` could get if
         ``victim`` gave back its device blocks."""
         ids = self.table.blocks(victim.rid)
@@ -203,7 +204,7 @@ class KVCacheManager:
             gain += max(0, min(free, m.lend_cap - lent)) - m.lendable
         return gain
 
-    def _pick_victim(self, r: _Request) -> _Request | None:
+    def _pick_victim(self, r: _Allocation) -> _Allocation | None:
         for v in reversed(self._ordered(RUNNING)):
             if v.seq <= r.seq:
                 return None
@@ -218,7 +219,7 @@ class KVCacheManager:
             raise ValueError(f"preempt of {r.state} request {rid!r}")
         return self._preempt(r)
 
-    def _preempt(self, r: _Request) -> Preemption:
+    def _preempt(self, r: _Allocation) -> Preemption:
         ids = self.table.blocks(r.rid).tolist()
         if not ids:
             r.num_tokens = 0
@@ -299,7 +300,7 @@ class KVCacheManager:
         swapped_at_start = [r for r in ordered if r.state == SWAPPED]
         moves = self.plan_migration()
 
-        scheduled, slot_parts = [], []
+        scheduled = []
         preempted: list[Preemption] = []
         gone: set = set()  # membership only, never iterated
         too_long = []
@@ -314,7 +315,6 @@ class KVCacheManager:
                 swap_out = swap_out.concat(p.swap_out)
             if res.status == "ok":
                 scheduled.append((r.rid, res.start, res.num_new))
-                slot_parts.append(res.slots)
             elif res.status == "too_long":
                 too_long.append(r.rid)
 
@@ -333,15 +333,12 @@ class KVCacheManager:
             assert res.status == "ok" and not res.preemptions
             swapped_in.append(r.rid)
             scheduled.append((r.rid, res.start, res.num_new))
-            slot_parts.append(res.slots)
 
-        slot_mapping = np.concatenate(slot_parts) if slot_parts else _EMPTY_SLOTS
         return StepKVPlan(
             moves=moves,
             swap_out=swap_out,
             swap_in=swap_in,
             scheduled=tuple(scheduled),
-            slot_mapping=slot_mapping,
             preempted=tuple(preempted),
             swapped_in=tuple(swapped_in),
             too_long=tuple(too_long),

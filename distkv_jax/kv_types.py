@@ -183,10 +183,9 @@ class StepKVPlan:
 
     Execute in this order: ``moves`` (device->device), ``swap_out``
     (device->host), ``swap_in`` (host->device); then run the step, writing the
-    new tokens of ``scheduled`` to ``slot_mapping``.
+    new tokens of ``scheduled`` (their slots: ``KVCacheManager.slots``).
 
-    scheduled: (request_id, start_position, num_new_tokens) in batch order;
-    slot_mapping: the global slots of those tokens, concatenated (int64).
+    scheduled: (request_id, start_position, num_new_tokens) in batch order.
     preempted: requests taken off the device this step (not scheduled);
     swapped_in: swapped requests brought back (they are in ``scheduled``);
     too_long: requests that can never grow as asked (not scheduled).
@@ -196,24 +195,7 @@ class StepKVPlan:
     swap_out: CopyPlan
     swap_in: CopyPlan
     scheduled: tuple[tuple[RequestId, int, int], ...]
-    slot_mapping: np.ndarray
     preempted: tuple[Preemption, ...]
     swapped_in: tuple[RequestId, ...]
     too_long: tuple[RequestId, ...]
     deferred: tuple[RequestId, ...]
-
-
-@dataclass(frozen=True)
-class InstanceBlockView:
-    """The blocks one instance holds for a batch: parallel int arrays.
-
-    row[k] indexes the request in the batch order given to the view builder,
-    logical[k] is the block's index in that request's block table and
-    block[k] its global device block id (owned by this instance).
-    Sorted by (row, logical).
-    """
-
-    instance: int
-    row: np.ndarray
-    logical: np.ndarray
-    block: np.ndarray

@@ -30,47 +30,16 @@ import numpy as np
 from .attention_plan import AttentionPlan, PoolGeometry, SeqQuery, bucket, build_attention_plan
 from .kv_cache_manager import KVCacheManager
 from .kv_types import StepKVPlan
+from .request import Request, RequestStatus
 
-WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
-
-
-@dataclasses.dataclass
-class Request:
-    """Scheduler-side state of one request (the engine keeps its outputs)."""
-
-    rid: int                        # arrival order, also the KV manager's id
-    tokens: list[int]               # prompt + generated so far
-    prompt_len: int
-    wants_prompt_logprobs: bool = False
-    state: str = WAITING
-    instance: int = -1
-    num_computed: int = 0           # tokens whose KV is cached
-    prompt_logprobs_done: int = 1   # prompt positions whose logprob is recorded (first has none)
-    preemptions: int = 0
-    # Overlapped steps: a token sampled by the step in flight is not in
-    # `tokens` yet; its position can already be scheduled, and the step then
-    # reads the token from that step's output row `pending_row`.
-    pending: int = 0
-    pending_row: int = -1
-    hold: bool = False              # the pending token is its last: schedule nothing more
-
-    @property
-    def length(self) -> int:
-        """Stream length, counting a pending token."""
-        return len(self.tokens) + self.pending
-
-    @property
-    def remaining(self) -> int:
-        return self.length - self.num_computed
-
+WAITING, RUNNING, SWAPPED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.SWAPPED
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    num_instances: int
-    block_size: int
-    blocks_per_instance: int
+    """Batching limits; the pool's geometry comes from the KV manager's config."""
+
     max_num_seqs: int = 64            # per instance
-    max_tokens_per_step: int = 256    # rows per instance per step
+    max_num_batched_tokens: int = 256    # rows per instance per step
     prefill_q_tile: int = 8           # query tile for steps with prefill chunks
     run_choices: tuple[int, ...] = (4, 16)
     min_rows: int = 8
@@ -118,30 +87,55 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
         self.kv = kv
-        self.requests: dict[int, Request] = {}   # live (not finished), insertion = arrival order
-        self.geom = PoolGeometry(config.num_instances, config.blocks_per_instance, config.block_size)
+        self.requests: dict[str, Request] = {}   # live (not finished), insertion = arrival order
+        kc = kv.config
+        self.num_instances = kc.num_instances
+        self.geom = PoolGeometry(kc.num_instances, kc.blocks_per_instance, kc.block_size)
 
     # ---------------------------------------------------------------- queues
     def add(self, req: Request) -> None:
-        self.requests[req.rid] = req
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already live")
+        req.status = WAITING
+        self.requests[req.request_id] = req
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def _by_state(self, state: str) -> list[Request]:
-        return [r for r in self.requests.values() if r.state == state]
+    def get(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
 
-    def finish(self, req: Request) -> None:
-        if req.state in (RUNNING, SWAPPED):
-            self.kv.finish(req.rid)
-        req.state = FINISHED
-        self.requests.pop(req.rid, None)
+    def _by_state(self, state: RequestStatus) -> list[Request]:
+        return [r for r in self.requests.values() if r.status == state]
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a live request: every block it holds (own, borrowed, host) is
+        freed now, so the next plan and the ledger already reflect it. Rows
+        of it in a step still in flight are dropped when that step is read."""
+        if not status.is_finished:
+            raise ValueError(f"finish with non-final status {status}")
+        if req.status in (RUNNING, SWAPPED):
+            self.kv.finish(req.request_id)
+        req.status = status
+        req.pending, req.pending_row, req.hold = 0, -1, False
+        self.requests.pop(req.request_id, None)
+
+    # ---------------------------------------------------- results of a step
+    def mark_pending(self, req: Request, row: int) -> None:
+        """The step in flight samples req's next token at output row `row`; a
+        request whose pending token is its last gets nothing more scheduled."""
+        req.pending, req.pending_row = 1, row
+        req.hold = req.reached_limit(len(req.tokens) + 1)
+
+    def append_token(self, req: Request, token: int) -> None:
+        req.pending, req.pending_row = 0, -1
+        req.tokens.append(token)
 
     # ------------------------------------------------------------- planning
     def _choose_instance(self, load: list[int], rows_left: list[int]) -> int | None:
         free = self.kv.free_device_blocks()
         best = None
-        for i in range(self.config.num_instances):
+        for i in range(self.num_instances):
             if load[i] >= self.config.max_num_seqs or rows_left[i] <= 0:
                 continue
             key = (load[i], -int(free[i]), i)
@@ -151,11 +145,11 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         cfg = self.config
-        I = cfg.num_instances
-        rows_left = [cfg.max_tokens_per_step] * I
+        I = self.num_instances
+        rows_left = [cfg.max_num_batched_tokens] * I
         load = [0] * I          # requests occupying a place on each instance (running or swapped)
         for r in self.requests.values():
-            if r.state in (RUNNING, SWAPPED):
+            if r.status in (RUNNING, SWAPPED):
                 load[r.instance] += 1
         demands: list[tuple[Request, int]] = []
 
@@ -163,7 +157,7 @@ class Scheduler:
             # A chunk uses its instance's row budget first, then other
             # instances' spare rows (rows are placed after KV planning,
             # spread over instances: see _place_rows).
-            n = min(n, cfg.max_tokens_per_step, sum(rows_left))
+            n = min(n, cfg.max_num_batched_tokens, sum(rows_left))
             if n <= 0:
                 return
             demands.append((r, n))
@@ -192,27 +186,27 @@ class Scheduler:
                     break
                 # The first chunk must fit in free blocks (keeping a watermark),
                 # so admitting never preempts a running request.
-                room = (self.kv.gm.available_for(inst) - cfg.watermark_blocks) * cfg.block_size
+                room = (self.kv.gm.available_for(inst) - cfg.watermark_blocks) * self.geom.block_size
                 if room <= 0:
                     break                       # FCFS: no overtaking
-                r.instance = self.kv.admit(r.rid, inst)
-                r.state = RUNNING
+                r.instance = self.kv.admit(r.request_id, inst)
+                r.status = RUNNING
                 load[inst] += 1
                 take(r, min(r.remaining, room))
         if not demands:
             return None
 
-        kv_plan = self.kv.prepare_step([(r.rid, n) for r, n in demands])
+        kv_plan = self.kv.prepare_step([(r.request_id, n) for r, n in demands])
         for p in kv_plan.preempted:
             r = self.requests[p.request_id]
             r.preemptions += 1
             if p.mode == "swap":
-                r.state = SWAPPED
+                r.status = SWAPPED
             else:                               # KV dropped: recompute from the start
-                r.state = RUNNING
+                r.status = RUNNING
                 r.num_computed = 0
         for rid in kv_plan.swapped_in:
-            self.requests[rid].state = RUNNING
+            self.requests[rid].status = RUNNING
 
         for rid, start, n in kv_plan.scheduled:
             r = self.requests[rid]
@@ -238,7 +232,7 @@ class Scheduler:
         free rows (ties: lowest id). T is the smallest bucket that fits.
         """
         cfg = self.config
-        I = cfg.num_instances
+        I = self.num_instances
         total = sum(n for _, _, n in scheduled)
         T = bucket(-(-total // I), cfg.min_rows)
         while True:
@@ -266,7 +260,7 @@ class Scheduler:
 
     def _arrays(self, seqs: list[ScheduledSeq], rows_used: list[int], kv_plan: StepKVPlan) -> StepPlan:
         cfg = self.config
-        I = cfg.num_instances
+        I = self.num_instances
         T = bucket(max(rows_used), cfg.min_rows)
         tokens = np.zeros((I, T), np.int32)
         token_src = None
@@ -281,7 +275,7 @@ class Scheduler:
                     token_src = np.full((I, T), -1, np.int32)
                 token_src[s.instance, s.row + known] = r.pending_row
             queries.append(SeqQuery(s.instance, s.row, range(s.start, s.start + s.count),
-                                    self.kv.block_ids(r.rid)))
+                                    self.kv.block_ids(r.request_id)))
             if r.wants_prompt_logprobs:
                 first = max(s.start, r.prompt_logprobs_done - 1)
                 for p in range(first, min(s.start + s.count, r.prompt_len - 1)):
@@ -313,4 +307,5 @@ class Scheduler:
 
     @staticmethod
     def record_prompt_logprob(row: LogitsRow) -> None:
+        """A prompt logprob is recorded: a recompute after preemption skips it."""
         row.request.prompt_logprobs_done = max(row.request.prompt_logprobs_done, row.position + 2)

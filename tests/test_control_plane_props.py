@@ -79,7 +79,6 @@ def run_ops(cfg: KVCacheConfig, op_list, shadow_check: bool = True):
                                           cfg.num_instances if cfg.migrate_blocks_per_step else 0)
             for rid, start, n in plan.scheduled:
                 assert mgr.state(rid) == RUNNING and mgr.num_tokens(rid) == start + n
-            assert len(plan.slot_mapping) == sum(n for _, _, n in plan.scheduled)
             del before
         check_invariants(mgr)
         if shadow_check:

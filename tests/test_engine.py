@@ -60,7 +60,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=1)
 def test_greedy_parity_with_borrowing(llama, prompts, reference, mesh):
     path, _ = llama
     kv_blocks = 48 if mesh == "1x1" else 6
-    llm = LLM(path, mesh=mesh, block_size=8, kv_blocks=kv_blocks, max_num_batched_tokens=32)
+    llm = LLM(path, warm_start=False, mesh=mesh, block_size=8, kv_blocks=kv_blocks, max_num_batched_tokens=32)
     outs = llm.generate(prompts, GREEDY)
     _check_parity(outs, reference)
     if mesh != "1x1":
@@ -74,7 +74,7 @@ def test_greedy_parity_under_preemption(llama, prompts, reference, host_kv_block
     """A pool too small for the batch: requests are swapped to host and back,
     or, with no host tier, dropped and recomputed."""
     path, _ = llama
-    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=host_kv_blocks,
+    llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=host_kv_blocks,
               max_num_batched_tokens=64)
     outs = llm.generate(prompts, GREEDY)
     _check_parity(outs, reference)
@@ -90,7 +90,7 @@ def test_greedy_parity_under_preemption(llama, prompts, reference, host_kv_block
 def tiny_llm():
     from distkv_jax.models.tiny import tiny_model_dir
 
-    return LLM(tiny_model_dir(), mesh="2x4", block_size=8, kv_blocks=16, max_num_batched_tokens=32)
+    return LLM(tiny_model_dir(), warm_start=False, mesh="2x4", block_size=8, kv_blocks=16, max_num_batched_tokens=32)
 
 
 def test_outputs_do_not_depend_on_the_batch(tiny_llm):
@@ -117,7 +117,7 @@ def test_bad_input_fails_alone(llama):
     """Each bad request finishes with finish_reason "error" and a message;
     the good ones in the same call complete."""
     path, _ = llama  # a model directory without a tokenizer
-    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=4, max_num_batched_tokens=32)
+    llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=4, max_num_batched_tokens=32)
     capacity = llm.engine.kv.max_request_tokens(0)
     good = [4, 5, 6, 7]
     batch = [good, [], [1, 2, 999999], "text needs a tokenizer", list(range(3, 3 + capacity + 1)), good]
@@ -134,7 +134,7 @@ def test_bad_input_fails_alone(llama):
 
 def test_request_reaching_capacity_finishes_with_length(llama):
     path, _ = llama
-    llm = LLM(path, mesh="1x1", block_size=8, kv_blocks=4, kv_policy="local",
+    llm = LLM(path, warm_start=False, mesh="1x1", block_size=8, kv_blocks=4, kv_policy="local",
               max_num_batched_tokens=32)
     out = llm.generate([[3] * 20], SamplingParams(temperature=0, max_tokens=100))[0]
     comp = out.outputs[0]
@@ -172,7 +172,7 @@ def test_prompt_logprobs_match_transformers(llama):
     import torch
 
     path, model = llama
-    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=8, max_num_batched_tokens=8)
+    llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=8, max_num_batched_tokens=8)
     prompt = list(range(10, 40))  # 30 tokens: several prefill chunks of 8
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2))[0]
     with torch.no_grad():
@@ -248,7 +248,7 @@ def test_kv_blocks_sized_from_memory_and_module_generate():
     import distkv_jax
     from distkv_jax.models.tiny import tiny_model_dir
 
-    llm = LLM(tiny_model_dir(), mesh="1x1", kv_blocks=None, max_num_seqs=2)
+    llm = LLM(tiny_model_dir(), warm_start=False, mesh="1x1", kv_blocks=None, max_num_seqs=2)
     cfg = llm.model_config
     # CPU: a quarter of available host memory, capped at max_num_seqs full-length sequences
     assert llm.engine.layout.blocks_per_instance == 2 * cfg.max_position_embeddings // 16
@@ -269,7 +269,7 @@ def test_sliding_window_models_stop_at_the_window(tmp_path):
     cfg = json.load(open(f"{path}/config.json"))
     cfg["sliding_window"] = 24
     json.dump(cfg, open(f"{path}/config.json", "w"))
-    llm = LLM(path, mesh="1x1", block_size=8, kv_blocks=16)
+    llm = LLM(path, warm_start=False, mesh="1x1", block_size=8, kv_blocks=16)
     outs = llm.generate([[5] * 20, [6] * 30], SamplingParams(temperature=0, max_tokens=50))
     assert outs[0].outputs[0].finish_reason == "length"
     assert len(outs[0].outputs[0].token_ids) == 24 + 1 - 20
@@ -280,7 +280,7 @@ def test_bfloat16_engine_runs_on_a_mesh(llama, prompts, reference):
     """bfloat16 params, pools and compute on 2x4: the greedy continuation stays
     close to float32 transformers (first tokens equal, logprobs within 0.1)."""
     path, _ = llama
-    llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=8, dtype="bfloat16",
+    llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=8, dtype="bfloat16",
               max_num_batched_tokens=32)
     assert llm.engine.pools.k.dtype == np.dtype("bfloat16")
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, logprobs=0))
@@ -295,12 +295,10 @@ def test_overlapped_steps_match_sequential_steps(llama):
     one row computed past a stop) gives exactly the outputs of sequential
     steps: stop ids, min_tokens, seeded sampling, logprobs, prompt logprobs,
     and a pool small enough that requests are preempted and recomputed."""
-    import dataclasses
-
     path, _ = llama
     rng = np.random.default_rng(21)
     prompts = [rng.integers(3, 256, size=n).tolist() for n in (5, 30, 17, 44, 2, 23, 9)]
-    greedy = LLM(path, mesh="1x1", block_size=8, kv_blocks=64).generate(
+    greedy = LLM(path, warm_start=False, mesh="1x1", block_size=8, kv_blocks=64).generate(
         prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     stop_ids = [o.outputs[0].token_ids[3] for o in greedy]  # each greedy request stops early
     params = [
@@ -315,8 +313,8 @@ def test_overlapped_steps_match_sequential_steps(llama):
     ]
     results = {}
     for overlap in (True, False):
-        llm = LLM(path, mesh="2x4", block_size=8, kv_blocks=6, max_num_batched_tokens=32)
-        llm.engine.config = dataclasses.replace(llm.engine.config, overlap_steps=overlap)
+        llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=6, max_num_batched_tokens=32,
+                  overlap_steps=overlap)
         outs = llm.generate(prompts, params)
         assert llm.engine.stats["preemptions"] > 0
         assert (llm.engine.kv.free_device_blocks() == 6).all()  # every block came back

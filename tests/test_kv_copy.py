@@ -176,7 +176,7 @@ def test_per_layer_pools_and_tp_replicated_heads(mesh, copier):
 def test_step_plans_end_to_end_on_device(mesh, copier):
     """Drive prepare_step for many steps and execute every plan on real pools,
     in the documented order (moves, swap_out, swap_in, then the step's writes
-    to slot_mapping). Every token of every request must read back its value,
+    to the scheduled tokens' slots). Every token of every request must read back its value,
     wherever its block went (borrowed, migrated, rotated, swapped to host)."""
     bs, hd = 2, 2
     cfg = KVCacheConfig(I, 3, block_size=bs, host_blocks_per_instance=2,
@@ -202,10 +202,10 @@ def test_step_plans_end_to_end_on_device(mesh, copier):
         dev = copier.swap_in(host, dev, plan.swap_in)
         for k in seen:
             seen[k] += len(getattr(plan, k))
-        if len(plan.slot_mapping):
+        if plan.scheduled:
             vals = np.concatenate([[value(r, p) for p in range(s, s + n)]
                                    for r, s, n in plan.scheduled]).astype(np.float32)
-            sl = plan.slot_mapping
+            sl = np.concatenate([mgr.slots(r, s, n) for r, s, n in plan.scheduled])
             upd = np.broadcast_to(vals[None, :, None, None], (1, len(vals), H, hd))
             dev = dev.at[:, sl // bs, sl % bs].set(upd)
         dev_np, host_np = np.asarray(dev), np.asarray(host)

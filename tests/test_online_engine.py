@@ -1,0 +1,265 @@
+"""The online engine: abort in every state, AsyncLLM with many concurrent
+consumers, request ids, EngineArgs validation and the context limit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from distkv_jax import AsyncLLM, EngineArgs, LLM, SamplingParams
+from distkv_jax.request import RequestStatus
+
+from control_plane_model import check_all_free, check_invariants
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+OTHERS = [list(range(10, 39)), [7] * 12, list(range(40, 85)), [9, 8, 7] * 7, list(range(100, 133))]
+VICTIM = list(range(200, 226))
+
+
+@pytest.fixture(scope="module")
+def llm():
+    # 2 instances x 6 blocks of 8 tokens: requests borrow, and the pool is
+    # too small for the batch, so requests are swapped to host and back.
+    return LLM("tiny", mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=16,
+               max_num_batched_tokens=16, warm_start=False)
+
+
+@pytest.fixture(scope="module")
+def solo(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(OTHERS, GREEDY)]
+
+
+def _in_flight(eng, req) -> bool:
+    return eng._inflight is not None and any(
+        row is not None and row.request is req for row in eng._inflight.plan.logits_rows)
+
+
+def _borrowing(eng, req) -> bool:
+    if req.status != RequestStatus.RUNNING or req.request_id not in eng.kv.requests():
+        return False
+    nb = eng.layout.blocks_per_instance
+    return any(int(b) // nb != eng.kv.home(req.request_id) for b in eng.kv.block_ids(req.request_id))
+
+
+STATES = {
+    "waiting": lambda eng, r: r.status == RequestStatus.WAITING,
+    "prefilling": lambda eng, r: r.status == RequestStatus.RUNNING and 0 < r.num_computed < r.prompt_len,
+    "decoding_row_in_flight": lambda eng, r: (r.status == RequestStatus.RUNNING
+                                              and r.num_output_tokens >= 2 and _in_flight(eng, r)),
+    "swapped": lambda eng, r: r.status == RequestStatus.SWAPPED,
+    "holding_borrowed_blocks": _borrowing,
+}
+
+
+@pytest.mark.parametrize("state", list(STATES))
+def test_abort_in_every_state(llm, solo, state):
+    """Aborting frees exactly the victim's blocks (own, borrowed, host), the
+    control plane's invariants hold right after, the victim ends with
+    finish_reason "abort", and every other request's output equals its run
+    without the victim."""
+    eng = llm.engine
+    when = STATES[state]
+    ids = [eng.add_request(p, GREEDY, request_id=f"{state}-{k}") for k, p in enumerate(OTHERS)]
+    eng.add_request(VICTIM, GREEDY, request_id="victim")
+    victim = eng._live["victim"]
+    finals = {}
+    for _ in range(400):
+        if when(eng, victim):
+            break
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+    else:
+        pytest.fail(f"the victim never reached state {state}")
+    kv = eng.kv
+    held_dev = held_host = 0
+    if "victim" in kv.requests():
+        held_dev = len(kv.block_ids("victim")) if kv.state("victim") == "running" else 0
+        held_host = len(kv.host_block_ids("victim"))
+    free_dev, free_host = kv.free_device_blocks().sum(), kv.free_host_blocks().sum()
+    ledger = kv.ledger().sum()
+    assert eng.abort("victim")
+    assert not eng.abort("victim") and not eng.abort("no-such-request")  # no-ops
+    assert "victim" not in kv.requests()
+    check_invariants(kv)
+    assert kv.free_device_blocks().sum() == free_dev + held_dev
+    assert kv.free_host_blocks().sum() == free_host + held_host
+    assert kv.ledger().sum() <= ledger
+    if state == "swapped":
+        assert held_host > 0
+    if state == "holding_borrowed_blocks":
+        assert kv.ledger().sum() < ledger
+    for outs in eng.iterate():
+        for out in outs:
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals["victim"].outputs[0].finish_reason == "abort"
+    for k, rid in enumerate(ids):
+        assert finals[rid].outputs[0].token_ids == solo[k], rid
+    check_all_free(kv)
+    assert eng.num_live() == 0
+
+
+def test_duplicate_live_request_id_is_refused_and_bad_input_fails_alone(llm):
+    eng = llm.engine
+    eng.add_request([5, 6, 7], GREEDY, request_id="dup")
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([5, 6, 7], GREEDY, request_id="dup")
+    eng.add_request([], GREEDY, request_id="empty")
+    finals = {o.request_id: o for outs in eng.iterate() for o in outs if o.finished}
+    assert finals["dup"].outputs[0].finish_reason == "length"
+    assert finals["empty"].outputs[0].finish_reason == "error" and "empty" in finals["empty"].error
+    eng.add_request([5, 6, 7], GREEDY, request_id="dup")  # finished ids may be reused
+    assert eng.abort("dup")
+    finals = {o.request_id: o for outs in eng.iterate() for o in outs if o.finished}
+    assert finals["dup"].outputs[0].finish_reason == "abort"
+
+
+def test_leaving_a_stream_early_aborts_its_requests(llm):
+    stream = llm.generate_stream(OTHERS[:3], GREEDY)
+    for _ in stream:
+        break
+    stream.close()
+    # the next call runs only its own request (the abandoned ones are aborted)
+    out = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert out.outputs[0].finish_reason == "length"
+    assert llm.engine.num_live() == 0
+    check_all_free(llm.engine.kv)
+
+
+def test_async_llm_concurrent_consumers_with_cancellations():
+    """32 concurrent streams, a third of them cancelled at random points (by
+    leaving the loop, by cancelling the task, or by abort()): every surviving
+    stream's output equals its solo run, and all KV is free at the end."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 500, size=int(n)).tolist() for n in rng.integers(2, 60, size=32)]
+    params = [SamplingParams(temperature=0 if k % 2 else 0.8, seed=k, max_tokens=int(m), ignore_eos=True)
+              for k, m in enumerate(rng.integers(4, 20, size=32))]
+    llm = AsyncLLM("tiny", mesh="2x4", block_size=8, kv_blocks=12, host_kv_blocks=8,
+                   max_num_batched_tokens=32, warm_start=False)
+    rnd = random.Random(5)
+    how = {k: rnd.choice(["break", "cancel", "abort"]) for k in rnd.sample(range(32), 11)}
+
+    async def consume(k):
+        last = None
+        n = 0
+        async for out in llm.generate(prompts[k], params[k], f"req-{k}"):
+            last, n = out, n + 1
+            if how.get(k) == "break" and n >= 2:
+                break
+            if how.get(k) == "abort" and n == 2:
+                await llm.abort(f"req-{k}")
+        return last
+
+    async def main():
+        tasks = [asyncio.create_task(consume(k)) for k in range(32)]
+        await asyncio.sleep(0)
+        for k, h in how.items():
+            if h == "cancel":
+                await asyncio.sleep(0.05 * rnd.random())
+                tasks[k].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(ValueError, match="already in use"):
+            async def dup():
+                async for _ in llm.generate([5, 6], params[0], "req-dup"):
+                    async for _ in llm.generate([5, 6], params[0], "req-dup"):
+                        pass
+            await dup()
+        for _ in range(200):  # the engine settles the last aborts
+            if llm.engine.num_live() == 0 and not llm.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.05)
+        return results
+
+    try:
+        results = asyncio.run(main())
+        eng = llm.engine
+        assert eng.num_live() == 0
+        check_all_free(eng.kv)
+        assert (eng.kv_usage() == 0).all()
+        survivors = [k for k in range(32) if k not in how]
+        alone = {}
+        for k in survivors:  # solo runs, one at a time
+            async def solo(k=k):
+                return [o async for o in llm.generate(prompts[k], params[k], f"solo-{k}")][-1]
+            alone[k] = asyncio.run(solo())
+        for k in survivors:
+            got = results[k]
+            assert got.finished and got.outputs[0].finish_reason == "length", k
+            assert got.outputs[0].token_ids == alone[k].outputs[0].token_ids, k
+        for k, h in how.items():
+            r = results[k]
+            if h == "cancel":
+                assert isinstance(r, asyncio.CancelledError) or r.finished
+            elif h == "abort":
+                assert r.outputs[0].finish_reason in ("abort", "length")
+        assert eng.stats["aborted"] >= 1
+    finally:
+        llm.shutdown()
+
+
+# ------------------------------------------------------------ engine arguments
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(kv_blocks=-5), ["kv_blocks=-5", ">= 1"]),
+    (dict(kv_blocks=0), ["kv_blocks=0"]),
+    (dict(block_size=0), ["block_size=0", ">= 1"]),
+    (dict(mesh="2by4"), ["mesh='2by4'"]),
+    (dict(kv_policy="shared"), ["kv_policy='shared'", "distributed"]),
+    (dict(dtype="float16"), ["dtype='float16'", "bfloat16"]),
+    (dict(max_num_seqs=1.5), ["max_num_seqs=1.5", "integer"]),
+    (dict(lend_fraction=2.0), ["lend_fraction=2.0", "[0, 1]"]),
+    (dict(attention_impl="fast"), ["attention_impl='fast'"]),
+    (dict(max_model_len=0), ["max_model_len=0"]),
+])
+def test_engine_args_are_validated_with_the_field_named(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        EngineArgs(**kwargs)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_llm_accepts_exactly_the_engine_args():
+    with pytest.raises(TypeError, match="unknown argument.*max_tokens_per_step"):
+        LLM("tiny", max_tokens_per_step=3)
+    with pytest.raises(TypeError, match="unknown argument"):
+        AsyncLLM("tiny", impl="native")
+
+
+def test_flags_are_generated_from_engine_args():
+    from absl import flags
+
+    fv = flags.FlagValues()
+    EngineArgs.define_flags(fv)
+    fv(["prog", "--kv_blocks=7", "--mesh=2x2", "--nooverlap_steps", "--lend_fraction=0.5"])
+    args = EngineArgs.from_flags(fv)
+    assert (args.kv_blocks, args.mesh, args.overlap_steps, args.lend_fraction) == (7, "2x2", False, 0.5)
+    for name in EngineArgs.field_names():
+        assert fv[name].help, name
+
+
+def test_max_model_len_refuses_long_prompts_and_caps_generation(tmp_path):
+    import json
+
+    from distkv_jax.models.tiny import tiny_model_dir
+    import shutil
+
+    path = tmp_path / "short_context"
+    shutil.copytree(tiny_model_dir(), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(str(path), block_size=8, kv_blocks=32, warm_start=False)
+    assert llm.engine.max_model_len == 64
+    outs = llm.generate([[5] * 80, [5] * 40, [6] * 10],
+                        [SamplingParams(temperature=0, max_tokens=4),
+                         SamplingParams(temperature=0, max_tokens=100000000, ignore_eos=True),
+                         SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)])
+    assert outs[0].outputs[0].finish_reason == "error"
+    assert "80 tokens" in outs[0].error and "max_model_len=64" in outs[0].error
+    assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 24
+    assert len(outs[2].outputs[0].token_ids) == 54
+    with pytest.raises(ValueError, match="max_model_len=1000"):
+        LLM(str(path), block_size=8, kv_blocks=4, max_model_len=1000, warm_start=False)
