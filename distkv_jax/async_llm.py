@@ -12,6 +12,12 @@ queue commands that the engine thread applies between steps, and each
 request's outputs are handed to its caller's event loop. Cancelling the
 task that consumes a stream (or leaving its `async for` early) aborts the
 request; its blocks are free before the next step.
+
+Multi-host: every process of a `jax.distributed` job builds the same
+AsyncLLM. Process 0 takes the requests; before each step its engine thread
+publishes the adds and aborts it applies (command_channel.py) and the other
+processes' engine threads apply the same ones, so every process plans the
+same step. `wait()` on the other processes returns when process 0 shuts down.
 """
 
 from __future__ import annotations
@@ -72,6 +78,12 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._stopping = False
         self._error: BaseException | None = None
+        import jax
+
+        from .command_channel import CommandChannel
+
+        self.is_leader = jax.process_index() == 0
+        self._channel = CommandChannel(jax.process_index()) if jax.process_count() > 1 else None
         self._thread = threading.Thread(target=self._run, name="distkv-engine", daemon=True)
         self._thread.start()
 
@@ -89,6 +101,8 @@ class AsyncLLM:
         runs, then the final one (finished=True). A refused request yields
         one final output with finish_reason "error". A request_id that is
         still live raises ValueError."""
+        if not self.is_leader:
+            raise RuntimeError("only process 0 of a multi-process job takes requests")
         stream = _Stream(asyncio.get_running_loop())
         with self._cv:
             self._check_alive()
@@ -128,6 +142,11 @@ class AsyncLLM:
             self._cv.notify()
         self._thread.join(timeout)
 
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the engine thread ends (processes other than 0: when
+        process 0 shuts down)."""
+        self._thread.join(timeout)
+
     def _check_alive(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"the engine stopped on an error: {self._error!r}") from self._error
@@ -139,11 +158,16 @@ class AsyncLLM:
         """Between steps: apply the queued commands (waiting for one while the
         engine is idle). False once shutting down."""
         eng = self.engine
-        with self._cv:
-            while not self._commands and not self._stopping and not eng.has_unfinished():
-                self._cv.wait()
-            commands, self._commands = self._commands, []
-            stopping = self._stopping
+        if not self.is_leader:
+            commands, stopping = self._channel.receive()
+        else:
+            with self._cv:
+                while not self._commands and not self._stopping and not eng.has_unfinished():
+                    self._cv.wait()
+                commands, self._commands = self._commands, []
+                stopping = self._stopping
+            if self._channel is not None:
+                self._channel.publish(commands, stopping)
         for cmd in commands:
             if cmd[0] == "add":
                 _, rid, prompt, params = cmd
@@ -154,8 +178,7 @@ class AsyncLLM:
             else:
                 eng.abort(cmd[1])
         if stopping:
-            for rid in list(self._streams):
-                eng.abort(rid)
+            eng.abort_all()
         return not stopping
 
     def _deliver_error(self, request_id: str, err: BaseException) -> None:

@@ -153,6 +153,10 @@ class Engine:
         self.stats["aborted"] += 1
         return True
 
+    def abort_all(self) -> int:
+        """Abort every live request (in arrival order); returns how many."""
+        return sum(self.abort(rid) for rid in list(self._live))
+
     def sync(self) -> None:
         """Wait until the step in flight (overlap_steps) has run on the device."""
         if self._inflight is not None:

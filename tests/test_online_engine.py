@@ -263,3 +263,52 @@ def test_max_model_len_refuses_long_prompts_and_caps_generation(tmp_path):
     assert len(outs[2].outputs[0].token_ids) == 54
     with pytest.raises(ValueError, match="max_model_len=1000"):
         LLM(str(path), block_size=8, kv_blocks=4, max_model_len=1000, warm_start=False)
+
+
+# ------------------------------------------------------------------ multi-host
+def _run_driver(tmp_path, processes: int) -> dict:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # each process asks for its own device count
+    out = tmp_path / f"online_{processes}.json"
+    procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "multihost_online_driver.py"),
+                               str(processes), str(pid), address, str(out)],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for pid in range(processes)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-4000:]
+    import json
+
+    return json.loads(out.read_text())
+
+
+def test_two_process_online_engine_matches_one_process(tmp_path):
+    """Process 0 of a 2-process job takes requests arriving while the job
+    runs and aborts two; the other process applies the same adds and aborts
+    before each step (jax.distributed's key-value store). Every request that
+    was not aborted ends with the same tokens as on one process."""
+    one = _run_driver(tmp_path, 1)
+    two = _run_driver(tmp_path, 2)
+    aborted = set(one["aborted"])
+    for (k, toks1, reason1), (k2, toks2, reason2) in zip(one["results"], two["results"]):
+        assert k == k2
+        if k in aborted:
+            assert reason1 == reason2 == "abort"
+        else:
+            assert reason1 == reason2 == "length" and toks1 == toks2, k

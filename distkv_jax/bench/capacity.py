@@ -123,7 +123,7 @@ def main(argv) -> None:
             policy = name.split("+")[0]
             host = H if name.endswith("+host") else 0
             t0 = time.perf_counter()
-            llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=host,
+            llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=host, warm_start=False,
                       kv_policy=policy, max_num_seqs=4,
                       max_num_batched_tokens=FLAGS.max_num_batched_tokens)
             limit = llm.engine.kv.max_request_tokens(0)

@@ -158,6 +158,9 @@ class StreamRun:
         self.ends = []    # per step: time.time() at its end (the request metrics' clock)
         self.clock = self.k = 0
         self.wall = 0.0
+        self._loop = None  # the engine loop (Engine.iterate), kept across turns
+        self._c0 = self._g0 = 0
+        self._t0 = 0.0
 
     def done(self) -> bool:
         return self.k >= len(self.todo) and not self.eng.has_unfinished()
@@ -172,39 +175,45 @@ class StreamRun:
             # the step() call that read the first token back (it ended after that)
             rec["first_token_step"] = bisect.bisect_left(self.ends, m.first_token_time)
 
+    def _admit(self) -> bool:
+        """Between steps (the engine loop's admit): add the requests whose
+        arrival step has come; when idle, jump the clock to the next arrival."""
+        from distkv_jax import SamplingParams
+
+        eng, todo, reqs, recs = self.eng, self.todo, self.reqs, self.recs
+        if not eng.has_unfinished() and self.k < len(todo) and todo[self.k][0] > self.clock:
+            self.clock = todo[self.k][0]
+        while self.k < len(todo) and todo[self.k][0] <= self.clock:
+            r = reqs[todo[self.k][1]]
+            params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True)
+            eng.add_request(r["prompt"], params, request_id=r["id"])
+            recs[r["id"]].update(arrival_clock=self.clock, arrival_step=len(self.steps))
+            self.k += 1
+        self._c0, self._g0 = eng.compiled_programs(), eng.stats["generation_tokens"]
+        self._t0 = time.perf_counter()
+        return self.k < len(todo)
+
     def advance(self, max_steps: int) -> None:
         """Up to max_steps engine steps; then waits for the step in flight, so
         that the next configuration's turn starts on an idle machine (the wait
         counts as part of this configuration's last step)."""
-        from distkv_jax import SamplingParams
-
-        eng, todo, reqs, recs = self.eng, self.todo, self.reqs, self.recs
+        eng = self.eng
+        if self._loop is None:
+            # only finished requests' outputs, as generate() asks: a streaming
+            # client's per-step outputs re-decode every running request's text
+            self._loop = eng.iterate(self._admit, only_finished=True)
         t_slice = time.perf_counter()
         ran = 0
         while ran < max_steps and not self.done():
-            if not eng.has_unfinished() and todo[self.k][0] > self.clock:
-                self.clock = todo[self.k][0]           # idle: jump to the next arrival
-            while self.k < len(todo) and todo[self.k][0] <= self.clock:
-                r = reqs[todo[self.k][1]]
-                params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True)
-                eng.add_request(r["prompt"], params, request_id=r["id"])
-                recs[r["id"]].update(arrival_clock=self.clock, arrival_step=len(self.steps))
-                self.k += 1
-            for out in eng.take_finished_errors():      # refused at submission
-                self._finish(out, len(self.steps) - 1)
-            if not eng.has_unfinished():
-                continue
-            c0, g0 = eng.compiled_programs(), eng.stats["generation_tokens"]
-            t0 = time.perf_counter()
-            # only finished requests' outputs, as generate() asks: a streaming
-            # client's per-step outputs re-decode every running request's text
-            outs = eng.step(only_finished=True)
-            dt = time.perf_counter() - t0
+            outs = next(self._loop, None)
+            if outs is None:
+                break
+            dt = time.perf_counter() - self._t0
             self.ends.append(time.time())
             for out in outs:
                 self._finish(out, len(self.steps))
-            self.steps.append(dict(clock=self.clock, seconds=dt, compiled=eng.compiled_programs() > c0,
-                                   generated=eng.stats["generation_tokens"] - g0,
+            self.steps.append(dict(clock=self.clock, seconds=dt, compiled=eng.compiled_programs() > self._c0,
+                                   generated=eng.stats["generation_tokens"] - self._g0,
                                    usage=[round(float(x), 4) for x in eng.kv_usage()]))
             self.clock += 1
             ran += 1
@@ -369,7 +378,7 @@ def main(argv) -> None:
                 streams.append(("short_only", shorts))
             for stream, stream_reqs in streams:
                 specs.append(dict(name=name, stream=stream, reqs=stream_reqs, setup=setups[name],
-                                  llm=LLM(model, block_size=bs, **setups[name])))
+                                  llm=LLM(model, block_size=bs, warm_start=False, **setups[name])))
         for rate in rates:
             # Drop compiled programs between rates: XLA:CPU maps each program's
             # code into many memory mappings, and a process may hold at most
