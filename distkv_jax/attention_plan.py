@@ -21,9 +21,11 @@ work per device is proportional to the blocks it holds. A run is `run`
 consecutive items of one tile (MicroAttention attends a run's blocks in one
 matrix product); each tile's items on an instance are padded to a multiple of
 `run` with masked items. `run` is chosen per step from the work (long
-contexts: long runs; short: short runs). R and n_tiles are padded to
-power-of-two buckets, and run is a power of two <= MAX_RUN, so XLA compiles
-few programs.
+contexts: long runs; short: short runs). n_tiles is padded to a power-of-two
+bucket (at least the caller's `min_tiles`), R to a power-of-four bucket
+(`coarse_bucket`: work lists span orders of magnitude, and padding runs cost
+almost nothing: MicroAttention skips them), and run is a power of two <=
+MAX_RUN, so XLA compiles few programs.
 """
 
 from __future__ import annotations
@@ -84,6 +86,14 @@ class AttentionPlan:
         """Real (unmasked) items per instance."""
         real = (self.item_tile < self.tile_rows.shape[0]) & (self.item_kstart != MASKED)
         return real.reshape(real.shape[0], -1).sum(axis=1)
+
+
+def coarse_bucket(n: int, minimum: int = 8) -> int:
+    """Smallest minimum * 4**k >= n."""
+    b = max(int(minimum), 1)
+    while b < n:
+        b *= 4
+    return b
 
 
 RUN_CHOICES = tuple(1 << k for k in range(MAX_RUN.bit_length()))  # 1, 2, 4, ..., 64
@@ -188,7 +198,7 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
         sel = np.flatnonzero(seg_inst == i)
         seg_offset[sel] = np.concatenate([[0], np.cumsum(seg_padded[sel])[:-1]]) if len(sel) else []
     per_inst = np.bincount(seg_inst, weights=seg_padded, minlength=I).astype(np.int64)
-    R = bucket(int(per_inst.max()) // run if len(per_inst) else 0, min_runs)
+    R = coarse_bucket(int(per_inst.max()) // run if len(per_inst) else 0, min_runs)
     W = R * run
     item_tile = np.full((I, W), n_tiles, np.int32)
     item_block = np.zeros((I, W), np.int32)

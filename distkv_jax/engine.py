@@ -100,15 +100,20 @@ class Engine:
         return self.runner.compiled_programs()
 
     def warm_start(self, progress: bool = True) -> dict:
-        """Compile the step programs this configuration uses (see
-        ModelRunner.step_shapes) before the engine takes requests."""
+        """Build every program this configuration can run (see
+        ModelRunner.step_shapes and .warm_start) before the engine takes
+        requests; with the persistent compilation cache a restart loads them."""
         cfg = self.scheduler.config
         shapes = self.runner.step_shapes(self.max_model_len, cfg.run_choices, cfg.min_rows)
-        n, secs = self.runner.warm_start(shapes, progress=progress and jax.process_index() == 0)
-        self.warm_start_info = {"shapes": len(shapes), "compiled": n, "seconds": secs}
+        kc = self.kv.config
+        info = self.runner.warm_start(shapes, max(kc.migrate_blocks_per_step, kc.num_instances),
+                                      progress=progress and jax.process_index() == 0)
+        self.warm_start_info = info
         if jax.process_index() == 0:
-            log.info("warm start: %d step programs ready in %.1f s", len(shapes), secs)
-        return self.warm_start_info
+            log.info("warm start: %d programs (%d step shapes; %d compiled, %d from the cache) "
+                     "in %.1f s", info["programs"], info["step_shapes"], info["compiled"],
+                     info["from_cache"], info["seconds"])
+        return info
 
     # --------------------------------------------------------------- requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams,

@@ -3,23 +3,41 @@
     python -m distkv_jax.launch --mesh 2x4 --model DIR|tiny \\
         --input_jsonl in.jsonl --output_jsonl out.jsonl --metrics_json m.json
 
+Engine flags (--model, --mesh, --dtype, --block_size, --kv_blocks, ...) are
+EngineArgs' fields, generated from it (engine_args.py: one definition, same
+names, defaults and help as `LLM(model, **kwargs)`); they are checked before
+anything loads, and a bad one is reported as `--name=value: why`.
+
 Input: one JSON object a line: "id" (string or integer, unique), exactly one
 of "prompt" (text) or "prompt_token_ids" (list of ints), and optionally any
 SamplingParams field ("max_tokens", "temperature", "top_p", "top_k", "min_p",
 "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs",
-"prompt_logprobs", ...) overriding the flag defaults. Blank lines are skipped.
+"prompt_logprobs", ...) overriding the flag defaults. Lines end at b"\\n"
+only (U+2028, U+0085 and the like inside a JSON string are text); each line
+must be UTF-8. Blank lines are skipped.
 
 Output: one JSON object per request, appended and flushed as it finishes:
 id, line, text, token_ids, finish_reason, stop_reason, error (null unless
 finish_reason is "error"), prompt_tokens, generation_tokens, ttft_s, tpot_s,
 e2e_latency_s (and cumulative_logprob / logprobs when asked for).
 
-Nothing is lost: a bad line (bad JSON, no prompt, an unknown field, a bad
-sampling value, a duplicate id) or a request the engine refuses (a prompt over
-the KV capacity) becomes an error record naming its line, and the job goes
-on; rerunning with the same --output_jsonl skips every id already written
-(resume after a crash). The exit status is non-zero only when the job itself
-fails (bad flags, unreadable input, model that does not load, a crash).
+Nothing is lost: a bad line (not UTF-8, bad JSON, no prompt, an unknown
+field, a bad sampling value, a duplicate id) or a request the engine refuses
+(a prompt over the KV capacity) becomes an error record naming its line, and
+the job goes on; rerunning with the same --output_jsonl skips every id
+already written (resume after a crash or an interruption). The exit status
+is non-zero only when the job itself fails (bad flags, unreadable input,
+model that does not load, a crash) or is interrupted.
+
+SIGINT / SIGTERM: the job stops after the step in progress, writes the
+metrics of what finished, closes the output and exits with 128 + the signal
+number (130 / 143); rerunning the same command resumes it. A second signal
+stops it at once.
+
+Metrics (--metrics_json) describe the whole job: on a resume the earlier
+metrics file's "parts" are kept and this run is added as a new part; request
+counts, tokens and TTFT / TPOT / end-to-end latencies are recomputed from
+every record in the output file.
 
 Multi-host: --coordinator_address/--num_processes/--process_id (or
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) join a
@@ -32,10 +50,14 @@ outputs and the metrics summary.
 
 from __future__ import annotations
 
+import ast
+import codecs
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -43,45 +65,33 @@ from typing import Any, Iterable
 
 from absl import app, flags
 
+from .engine_args import EngineArgs
 from .runtime import fail
-
 from .sampling_params import SamplingParams
 
-_MESH = flags.DEFINE_string("mesh", "1x1", "device mesh IxT (instances x tensor-parallel)")
-_MODEL = flags.DEFINE_string("model", "tiny", "Hugging Face model directory, orbax checkpoint "
-                             "directory (python -m distkv_jax.convert), or 'tiny' (built-in model)")
+FLAGS = flags.FLAGS
+# engine settings: one flag per EngineArgs field (model, mesh, dtype, block_size,
+# kv_blocks, host_kv_blocks, kv_policy, max_num_seqs, max_num_batched_tokens,
+# seed, attention_impl, ...)
+EngineArgs.define_flags()
 _INPUT = flags.DEFINE_string("input_jsonl", None, "requests, one JSON object a line; "
                              "none: demo generation on built-in prompts")
 _OUTPUT = flags.DEFINE_string("output_jsonl", None, "results, one JSON object a finished request "
                               "(appended; ids already there are skipped: resume)")
-_METRICS = flags.DEFINE_string("metrics_json", None, "write the metrics summary here (JSON)")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-# default sampling (a line's own fields win)
+_METRICS = flags.DEFINE_string("metrics_json", None, "write the metrics summary here (JSON; "
+                               "on a resume, merged with the earlier runs' metrics)")
+# default sampling (a line's own fields win; --seed is EngineArgs' base seed)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 16, "default max new tokens per request")
 _MIN_TOKENS = flags.DEFINE_integer("min_tokens", 0, "default min new tokens before EOS/stop ids")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "default temperature (0: greedy)")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "default top-p (1: off)")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "default top-k (0 or -1: off)")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "default min-p (0: off)")
-_SEED = flags.DEFINE_integer("seed", 0, "base seed: a request without its own seed samples with "
-                             "a seed derived from (seed, its line number), so reruns and resumes "
-                             "reproduce it")
 _IGNORE_EOS = flags.DEFINE_boolean("ignore_eos", False, "default: keep generating after EOS")
 _STOP = flags.DEFINE_multi_string("stop", [], "default stop string (repeatable)")
 _LOGPROBS = flags.DEFINE_integer("logprobs", None, "default number of top logprobs per token")
-# cache / scheduler
-_BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "tokens per KV block")
-_KV_BLOCKS = flags.DEFINE_integer("kv_blocks", None, "KV blocks per instance (default: from free memory)")
-_HOST_KV_BLOCKS = flags.DEFINE_integer("host_kv_blocks", 0, "host-memory KV blocks per instance")
-_KV_POLICY = flags.DEFINE_enum("kv_policy", "distributed", ["distributed", "local"],
-                               "distributed: requests may borrow KV blocks of other instances")
-_MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "running sequences per instance")
-_MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 256, "tokens per step per instance")
 _MAX_PENDING = flags.DEFINE_integer("max_pending", None, "requests held by the engine at once "
                                     "(default: 4 x max_num_seqs x instances); the rest wait in the file")
-_ATTENTION = flags.DEFINE_enum("attention_impl", "auto", ["auto", "native", "reference", "pallas"],
-                               "MicroAttention implementation (auto: the native C++ kernel on "
-                               "CPU where it builds, else the jnp reference)")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "show a progress bar (stderr)")
 # multi-host
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
@@ -108,6 +118,89 @@ def _log(msg: str) -> None:
     print(f"[distkv launch] {msg}", file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------- flags
+class FlagError(ValueError):
+    """A bad flag, worded `--name=value: why`."""
+
+
+def flag_message(err: Exception) -> str | None:
+    """EngineArgs' "name=value: why" as "--name=value: why" (the value as
+    typed, not its repr); None when the message names no engine setting."""
+    msg = str(err)
+    for name in EngineArgs.field_names():
+        if not msg.startswith(name + "="):
+            continue
+        value, sep, why = msg[len(name) + 1:].partition(": ")
+        if not sep:
+            return f"--{msg}"
+        try:
+            v = ast.literal_eval(value)
+            shown = v if isinstance(v, str) else value
+        except (ValueError, SyntaxError):
+            shown = value
+        return f"--{name}={shown}: {why}"
+    return None
+
+
+def engine_args_from_flags(flag_values=None, **overrides: Any) -> EngineArgs:
+    """EngineArgs from the parsed flags; FlagError naming the bad flag."""
+    try:
+        return EngineArgs.from_flags(flag_values, **overrides)
+    except (ValueError, TypeError) as e:
+        raise FlagError(flag_message(e) or str(e)) from None
+
+
+def attention_impl_problem(impl: str, platform: str) -> str | None:
+    """Why --attention_impl cannot run on this platform (None: it can).
+    kernels/micro_attention.py resolve_impl takes "pallas" and "native" as
+    given; an unusable one would only fail when the first step compiles."""
+    if impl == "pallas" and platform == "cpu":
+        return ("--attention_impl=pallas: the Pallas kernel needs a GPU; on CPU Pallas runs only "
+                "in interpret mode (micro_attention(..., interpret=True), for tests), which the "
+                "engine does not use. On CPU use --attention_impl=auto (the native kernel where it "
+                "builds), native or reference")
+    if impl == "native" and platform != "cpu":
+        return (f"--attention_impl=native: the native kernel is an XLA:CPU kernel; this job runs "
+                f"on {platform}: use auto, pallas or reference")
+    if impl == "native":
+        from .kernels import native
+
+        if not native.available():
+            return (f"--attention_impl=native: the native CPU kernel is not available here "
+                    f"({native.error()}); use auto or reference")
+    return None
+
+
+def output_path_problem(flag: str, path: str | None) -> str | None:
+    """Why --flag=path cannot be written (None: it can), checked before any work."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return (f"--{flag}={path} is a directory; give a file path "
+                f"(e.g. {os.path.join(path, 'results.jsonl' if 'jsonl' in flag else 'metrics.json')})")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            return f"--{flag}={path}: the file is not writable"
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # created later (os.makedirs): the first existing one counts
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--{flag}={path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--{flag}={path}: cannot create files in {parent}"
+    return None
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 # ---------------------------------------------------------------- input
 @dataclasses.dataclass
 class Entry:
@@ -126,6 +219,30 @@ class Entry:
 
 def derived_seed(base_seed: int, line: int) -> int:
     return (base_seed * 1_000_003 + line) % (2 ** 31)
+
+
+def split_lines(raw: bytes) -> list[bytes]:
+    """JSONL lines: split at b"\\n" only (str.splitlines would also split at
+    U+2028, U+0085, ... inside JSON strings and shift every later line
+    number). A final b"\\n" ends the last line; it does not start another."""
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def decode_line(raw: bytes, line: int) -> tuple[str | None, str | None]:
+    """(text, None) or (None, error) for one line's bytes: strict UTF-8 (a
+    byte-order mark on the first line is dropped)."""
+    if line == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.end]
+        return None, (f"line {line}: not valid UTF-8 (byte{'s' if len(bad) > 1 else ''} "
+                      f"{bad.hex(' ')} at byte {e.start + 1} of the line: {e.reason}); "
+                      "input lines must be UTF-8 JSON")
 
 
 def parse_line(text: str, line: int, defaults: dict, base_seed: int) -> Entry | None:
@@ -174,10 +291,19 @@ def parse_line(text: str, line: int, defaults: dict, base_seed: int) -> Entry | 
     return Entry(line, rid, prompt, params)
 
 
-def parse_input(lines: Iterable[str], defaults: dict, base_seed: int) -> list[Entry]:
-    """Every non-blank line as an Entry; a repeated id is an error on its later line."""
+def parse_input(lines: Iterable[str | bytes], defaults: dict, base_seed: int) -> list[Entry]:
+    """Every non-blank line as an Entry; a repeated id is an error on its
+    later line. Lines given as bytes are decoded here (strict UTF-8: an
+    undecodable line is an error entry, the others go on)."""
     entries, first_line = [], {}
-    for n, text in enumerate(lines, start=1):
+    for n, item in enumerate(lines, start=1):
+        if isinstance(item, bytes):
+            text, err = decode_line(item, n)
+            if err is not None:
+                entries.append(Entry(n, None, error=err))
+                continue
+        else:
+            text = item
         e = parse_line(text, n, defaults, base_seed)
         if e is None:
             continue
@@ -191,13 +317,64 @@ def parse_input(lines: Iterable[str], defaults: dict, base_seed: int) -> list[En
     return entries
 
 
-def read_done(path: str) -> tuple[set[str], set[int]]:
-    """(ids, lines) already in an output file. A partial last line (a crash
-    mid-write) is cut off so that appending stays valid JSONL."""
+def parse_jsonl(raw: bytes, defaults: dict, base_seed: int) -> list[Entry]:
+    """The input file's bytes -> entries (see split_lines, decode_line)."""
+    return parse_input(split_lines(raw), defaults, base_seed)
+
+
+# ------------------------------------------------------------ records
+def _pcts(xs: list[float]) -> dict | None:
+    import numpy as np
+
+    if not xs:
+        return None
+    a = np.asarray(xs, np.float64)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max()), "count": int(a.size)}
+
+
+class RecordStats:
+    """Request counts, tokens and per-request latencies of a set of output records."""
+
+    LATENCIES = ("ttft_s", "tpot_s", "e2e_latency_s")
+
+    def __init__(self) -> None:
+        self.requests = self.errors = self.prompt_tokens = self.generation_tokens = 0
+        self.lat: dict[str, list[float]] = {k: [] for k in self.LATENCIES}
+
+    def add(self, rec: dict) -> None:
+        self.requests += 1
+        if rec.get("finish_reason") == "error":
+            self.errors += 1
+            return
+        self.prompt_tokens += int(rec.get("prompt_tokens") or 0)
+        self.generation_tokens += int(rec.get("generation_tokens") or 0)
+        for k, xs in self.lat.items():
+            v = rec.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                xs.append(float(v))
+
+    @property
+    def completed(self) -> int:
+        return self.requests - self.errors
+
+    def as_dict(self) -> dict:
+        d = {"requests": self.requests, "completed": self.completed, "errors": self.errors,
+             "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens}
+        d.update({k: _pcts(xs) for k, xs in self.lat.items()})
+        return d
+
+
+def scan_output(path: str | None) -> tuple[set[str], set[int], RecordStats]:
+    """(ids, id-less lines, stats of every record) already in an output file.
+    A partial last line (a crash mid-write) is cut off so that appending
+    stays valid JSONL."""
     ids: set[str] = set()
     lines: set[int] = set()
+    stats = RecordStats()
     if not path or not os.path.exists(path):
-        return ids, lines
+        return ids, lines, stats
     with open(path, "rb+") as f:
         data = f.read()
         if data and not data.endswith(b"\n"):
@@ -205,17 +382,24 @@ def read_done(path: str) -> tuple[set[str], set[int]]:
             _log(f"{path}: dropping a partial last line ({len(data) - cut} bytes)")
             f.truncate(cut)
             data = data[:cut]
-    for raw in data.splitlines():
+    for raw in split_lines(data):
         try:
             rec = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
         if not isinstance(rec, dict):
             continue
+        stats.add(rec)
         if rec.get("id") is not None:
             ids.add(str(rec["id"]))
         elif isinstance(rec.get("line"), int):
             lines.add(rec["line"])
+    return ids, lines, stats
+
+
+def read_done(path: str) -> tuple[set[str], set[int]]:
+    """(ids, lines) already in an output file (see scan_output)."""
+    ids, lines, _ = scan_output(path)
     return ids, lines
 
 
@@ -253,22 +437,65 @@ def request_record(e: Entry, out) -> dict:
     return rec
 
 
-def _pcts(xs: list[float]) -> dict | None:
-    import numpy as np
+# -------------------------------------------------------------- signals
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM (a BaseException: no `except Exception` swallows it)."""
 
-    if not xs:
-        return None
-    a = np.asarray(xs, np.float64)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-            "max": float(a.max()), "count": int(a.size)}
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
+class Signals:
+    """SIGINT and SIGTERM handlers. Before the job loop (loading, compiling)
+    a signal stops at once (Interrupted). Once `graceful` is set, the first
+    signal only records itself: the loop stops after the step in progress,
+    so finished records and the metrics are written whole. A second signal
+    stops at once."""
+
+    HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.graceful = False
+        self.holding = False   # writing the metrics: signals are noted, nothing more
+        self._previous: dict = {}
+
+    def install(self) -> "Signals":
+        """Take SIGINT and SIGTERM (again: jax.distributed.initialize puts its
+        own SIGTERM handler, the preemption notifier, in place of ours)."""
+        for s in self.HANDLED:
+            previous = signal.signal(s, self._handle)
+            self._previous.setdefault(s, previous)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        if self.holding or (self.graceful and first):
+            return
+        raise Interrupted(signum)
+
+    @property
+    def name(self) -> str | None:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+
+# ------------------------------------------------------------------ job
 class Job:
-    """Feeds entries to the engine, writes records as requests finish."""
+    """Feeds entries to the engine (through engine.iterate), writes records
+    as requests finish."""
 
     def __init__(self, llm, entries: list[Entry], out_file, main: bool, max_pending: int,
-                 stop_after: int | None, on_record=None, num_processes: int = 1):
+                 stop_after: int | None, on_record=None, num_processes: int = 1,
+                 signals: Signals | None = None, totals: RecordStats | None = None,
+                 progress: bool = False):
         self.llm, self.engine = llm, llm.engine
         self.num_processes = num_processes
         self.todo = deque(entries)
@@ -276,27 +503,35 @@ class Job:
         self.out_file, self.main = out_file, main
         self.max_pending, self.stop_after = max_pending, stop_after
         self.on_record = on_record
+        self.signals = signals
+        self.progress = progress
         self.by_id: dict[str, Entry] = {}
-        self.written = 0
-        self.errors = 0
-        self.ttft, self.tpot, self.itl, self.e2e = [], [], [], []
-        self.prompt_tokens = self.gen_tokens = 0
+        self.part = RecordStats()                    # the records of this run
+        self.totals = totals if totals is not None else RecordStats()  # + those already there
+        self.itl: list[float] = []
         self.kv_peak = 0.0
         self.kv_sum = 0.0
         self.kv_samples = 0
+        self.elapsed = 0.0
+        self.interrupted: str | None = None          # the signal's name
         self._last_tok: dict[str, tuple[int, float]] = {}
+        self._usage = None
         self.bar = None
 
+    @property
+    def written(self) -> int:
+        return self.part.requests
+
+    @property
+    def errors(self) -> int:
+        return self.part.errors
+
+    def _stopping(self) -> bool:
+        return self.signals is not None and self.signals.signum is not None
+
     def _write(self, rec: dict) -> None:
-        self.written += 1
-        if rec["finish_reason"] == "error":
-            self.errors += 1
-        else:
-            self.prompt_tokens += rec["prompt_tokens"]
-            self.gen_tokens += rec["generation_tokens"]
-            for k, xs in (("ttft_s", self.ttft), ("tpot_s", self.tpot), ("e2e_latency_s", self.e2e)):
-                if rec[k] is not None:
-                    xs.append(rec[k])
+        self.part.add(rec)
+        self.totals.add(rec)
         if self.main:
             if self.out_file is not None:
                 self.out_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -319,67 +554,94 @@ class Job:
         self._last_tok.pop(out.request_id, None)
         self._write(request_record(e, out))
 
-    def run(self) -> float:
+    def admit(self) -> bool:
+        """engine.iterate's callback: hand over entries up to max_pending
+        (bad lines become records here); whether more are still to come."""
+        if self._stopping():
+            return False
+        while self.todo and len(self.by_id) < self.max_pending:
+            e = self.todo.popleft()
+            if e.error is not None:
+                self._write(_error_record(e))
+                continue
+            self.by_id[e.key] = e
+            self.engine.add_request(e.prompt, e.params, request_id=e.key)
+        return bool(self.todo)
+
+    def _observe(self, outs, now: float) -> None:
+        usage = self.engine.kv_usage()
+        self.kv_peak = max(self.kv_peak, float(usage.max()))
+        self.kv_sum += float(usage.mean())
+        self.kv_samples += 1
+        for out in outs:
+            n = len(out.outputs[0].token_ids)
+            prev = self._last_tok.get(out.request_id)
+            if prev is not None and n > prev[0]:
+                self.itl.append((now - prev[1]) / (n - prev[0]))
+            if n and (prev is None or n > prev[0]):
+                self._last_tok[out.request_id] = (n, now)
+            if out.finished:
+                self._finished(out)
+        self._usage = usage
+
+    def _post(self, now: float, start: float) -> None:
         eng = self.engine
-        if self.main and _PROGRESS.value and self.on_record is None:
+        secs = max(now - start, 1e-9)
+        usage = self._usage
+        self.bar.set_postfix_str(
+            f"prompt {eng.stats.get('prompt_tokens', 0) / secs:.0f} tok/s, "
+            f"output {eng.stats.get('generation_tokens', 0) / secs:.1f} tok/s, "
+            f"KV {100 * float(usage.mean()):.0f}% (max {100 * float(usage.max()):.0f}%), "
+            f"borrowed {int(eng.kv.ledger().sum())} blocks", refresh=False)
+
+    def run(self) -> float:
+        """Run until every entry has a record, or a signal stops it (then
+        `interrupted` names the signal). Returns the elapsed seconds."""
+        if self.main and self.progress and self.on_record is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, desc="requests", unit="req", file=sys.stderr,
                             mininterval=0.5, dynamic_ncols=True)
         start = time.perf_counter()
         last_post = 0.0
-        while self.todo or eng.has_unfinished():
-            while self.todo and len(self.by_id) < self.max_pending:
-                e = self.todo.popleft()
-                if e.error is not None:
-                    self._write(_error_record(e))
-                    continue
-                self.by_id[e.key] = e
-                eng.add_request(e.prompt, e.params, request_id=e.key)
-            for out in eng.take_finished_errors():
-                self._finished(out)
-            if not eng.has_unfinished():
-                continue
-            outs = eng.step()
-            now = time.perf_counter()
-            usage = eng.kv_usage()
-            self.kv_peak = max(self.kv_peak, float(usage.max()))
-            self.kv_sum += float(usage.mean())
-            self.kv_samples += 1
-            for out in outs:
-                n = len(out.outputs[0].token_ids)
-                prev = self._last_tok.get(out.request_id)
-                if prev is not None and n > prev[0]:
-                    self.itl.append((now - prev[1]) / (n - prev[0]))
-                if n and (prev is None or n > prev[0]):
-                    self._last_tok[out.request_id] = (n, now)
-                if out.finished:
-                    self._finished(out)
-            if self.bar is not None and now - last_post > 0.5:
-                last_post = now
-                self.bar.set_postfix_str(f"{eng.stats['generation_tokens'] / (now - start):.1f} tok/s, "
-                                         f"KV {100 * float(usage.mean()):.0f}%", refresh=False)
-        if self.bar is not None:
-            self.bar.close()
-        return time.perf_counter() - start
+        steps = self.engine.iterate(self.admit)
+        try:
+            for outs in steps:
+                now = time.perf_counter()
+                self._observe(outs, now)
+                if self._stopping():
+                    break
+                if self.bar is not None and now - last_post > 0.5:
+                    last_post = now
+                    self._post(now, start)
+        finally:
+            steps.close()
+            self.elapsed = time.perf_counter() - start
+            if self._stopping():
+                self.interrupted = self.signals.name
+            if self.bar is not None:
+                self.bar.close()
+        return self.elapsed
 
-    def summary(self, elapsed: float, skipped: int) -> dict:
+    # ------------------------------------------------------------ metrics
+    def part_summary(self, elapsed: float, skipped: int, mesh: str, model: str) -> dict:
+        """This run's metrics: one entry of the job's "parts"."""
         eng = self.engine
-        completed = self.written - self.errors
         st = eng.stats
-        return {
-            "mesh": _MESH.value, "model": _MODEL.value, "processes": self.num_processes,
-            "requests": self.written, "completed": completed, "errors": self.errors,
-            "skipped_already_done": skipped,
-            "elapsed_s": elapsed,
-            "request_throughput": completed / elapsed if elapsed > 0 else None,
-            "output_token_throughput": self.gen_tokens / elapsed if elapsed > 0 else None,
-            "total_token_throughput": (self.gen_tokens + self.prompt_tokens) / elapsed if elapsed > 0 else None,
-            "prompt_tokens": self.prompt_tokens, "generation_tokens": self.gen_tokens,
-            "ttft_s": _pcts(self.ttft), "tpot_s": _pcts(self.tpot), "itl_s": _pcts(self.itl),
-            "e2e_latency_s": _pcts(self.e2e),
+        p = self.part
+        per_s = (lambda x: x / elapsed) if elapsed > 0 else (lambda x: None)
+        d = {"part": None, "started_at": None, "mesh": mesh, "model": model,
+             "processes": self.num_processes, "interrupted": self.interrupted,
+             "skipped_already_done": skipped, "elapsed_s": elapsed}
+        d.update(p.as_dict())
+        d.update({
+            "request_throughput": per_s(p.completed),
+            "output_token_throughput": per_s(p.generation_tokens),
+            "total_token_throughput": per_s(p.generation_tokens + p.prompt_tokens),
+            "itl_s": _pcts(self.itl),
             "kv_usage": {"peak": self.kv_peak,
                          "mean": self.kv_sum / self.kv_samples if self.kv_samples else 0.0,
+                         "samples": self.kv_samples,
                          "final_per_instance": [float(x) for x in eng.kv_usage()],
                          "blocks_per_instance": eng.layout.blocks_per_instance,
                          "block_size": eng.layout.block_size},
@@ -391,7 +653,102 @@ class Job:
             "swapped_in_blocks": st["swapped_in_blocks"],
             "steps": st["steps"],
             "compiled_programs": eng.compiled_programs(),
-        }
+        })
+        return d
+
+    def summary(self, elapsed: float, skipped: int, mesh: str = "", model: str = "",
+                earlier_parts: list[dict] | None = None, output_jsonl: str | None = None,
+                started_at: str | None = None) -> dict:
+        part = self.part_summary(elapsed, skipped, mesh, model)
+        part["started_at"] = started_at
+        return job_summary((earlier_parts or []) + [part], self.totals, output_jsonl)
+
+
+def _merge_pcts(ps: list[dict | None]) -> dict | None:
+    """Percentile summaries of several parts as one: count, mean and max
+    exact; p50/p90/p99 the count-weighted means of the parts' (the samples
+    themselves are not kept)."""
+    ps = [p for p in ps if p]
+    if len(ps) <= 1:
+        return dict(ps[0]) if ps else None
+    n = sum(p["count"] for p in ps)
+    out = {k: sum(p[k] * p["count"] for p in ps) / n for k in ("mean", "p50", "p90", "p99")}
+    out.update(max=max(p["max"] for p in ps), count=n,
+               note="p50/p90/p99: count-weighted means of the parts' percentiles")
+    return out
+
+
+def job_summary(parts: list[dict], totals: RecordStats, output_jsonl: str | None) -> dict:
+    """The whole job's metrics: the last part's settings; request counts,
+    tokens and TTFT / TPOT / end-to-end latencies from every record in the
+    output (`totals`); throughputs over the parts' own records and time;
+    engine counters summed (peaks: the max) over the parts."""
+    for i, p in enumerate(parts, start=1):
+        p["part"] = i
+    last = parts[-1]
+    elapsed = sum(p["elapsed_s"] for p in parts)
+    completed = sum(p["completed"] for p in parts)
+    gen = sum(p["generation_tokens"] for p in parts)
+    prompt = sum(p["prompt_tokens"] for p in parts)
+    kv_samples = sum(p["kv_usage"].get("samples", 0) for p in parts)
+    summary = {"mesh": last["mesh"], "model": last["model"], "processes": last["processes"],
+               "output_jsonl": output_jsonl}
+    summary.update(totals.as_dict())
+    summary.update({
+        "records_without_metrics": max(0, totals.requests - sum(p["requests"] for p in parts)),
+        "skipped_already_done": last["skipped_already_done"],
+        "interrupted": last["interrupted"],
+        "elapsed_s": elapsed,
+        "request_throughput": completed / elapsed if elapsed > 0 else None,
+        "output_token_throughput": gen / elapsed if elapsed > 0 else None,
+        "total_token_throughput": (gen + prompt) / elapsed if elapsed > 0 else None,
+        "itl_s": _merge_pcts([p["itl_s"] for p in parts]),
+        "kv_usage": dict(last["kv_usage"],
+                         peak=max(p["kv_usage"]["peak"] for p in parts),
+                         mean=(sum(p["kv_usage"]["mean"] * p["kv_usage"].get("samples", 0)
+                                   for p in parts) / kv_samples) if kv_samples else 0.0,
+                         samples=kv_samples),
+        "preemptions": sum(p["preemptions"] for p in parts),
+        "borrowed_blocks_peak": max(p["borrowed_blocks_peak"] for p in parts),
+        "borrowed_blocks_final": last["borrowed_blocks_final"],
+        "migrated_blocks": sum(p["migrated_blocks"] for p in parts),
+        "swapped_out_blocks": sum(p["swapped_out_blocks"] for p in parts),
+        "swapped_in_blocks": sum(p["swapped_in_blocks"] for p in parts),
+        "steps": sum(p["steps"] for p in parts),
+        "compiled_programs": last["compiled_programs"],
+        "parts": parts,
+    })
+    return summary
+
+
+def earlier_parts(metrics_path: str | None, output_jsonl: str | None, resuming: bool) -> list[dict]:
+    """The "parts" of an earlier metrics file of this job (same output file),
+    when this run resumes it; [] otherwise."""
+    if not (resuming and metrics_path and output_jsonl and os.path.isfile(metrics_path)):
+        return []
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        _log(f"{metrics_path}: earlier metrics unreadable ({e}); this run's metrics start anew")
+        return []
+    parts = old.get("parts") if isinstance(old, dict) else None
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        _log(f"{metrics_path}: earlier metrics have no 'parts'; this run's metrics start anew")
+        return []
+    if old.get("output_jsonl") != output_jsonl:
+        _log(f"{metrics_path}: earlier metrics are of another output file "
+             f"({old.get('output_jsonl')}); not merged")
+        return []
+    return parts
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _default_sampling() -> dict:
@@ -405,10 +762,24 @@ def _print_summary(summary: dict) -> None:
     def f(x, scale=1000.0, unit="ms"):
         return "-" if x is None else f"{x * scale:.1f} {unit}"
 
+    parts = summary["parts"]
     print("\nmetrics summary")
-    print(f"  requests: {summary['completed']} completed, {summary['errors']} errors, "
-          f"{summary['skipped_already_done']} already done; {summary['elapsed_s']:.2f} s "
-          "(including compilation)")
+    if len(parts) > 1:
+        print(f"  covers the whole job: parts 1-{len(parts)} (this run is part {len(parts)}, "
+              f"resuming {len(parts) - 1} earlier run(s))")
+    for p in parts if len(parts) > 1 else ():
+        print(f"    part {p['part']}: {p['requests']} records in {p['elapsed_s']:.2f} s on "
+              f"{p['mesh']}" + (f", interrupted by {p['interrupted']}" if p["interrupted"] else ""))
+    if summary["records_without_metrics"]:
+        print(f"  {summary['records_without_metrics']} records in the output come from runs "
+              "that left no metrics (a crash): counted in requests and latencies, not in "
+              "throughput")
+    if summary["interrupted"]:
+        print(f"  this run was interrupted by {summary['interrupted']}")
+    print(f"  requests: {summary['completed']} completed, {summary['errors']} errors"
+          + (f" ({summary['skipped_already_done']} already done when this run started)"
+             if summary["skipped_already_done"] else "")
+          + f"; {summary['elapsed_s']:.2f} s (including compilation)")
     thr = summary["request_throughput"]
     if thr is not None:
         print(f"  throughput: {thr:.2f} req/s, {summary['output_token_throughput']:.1f} output tok/s, "
@@ -435,22 +806,36 @@ def main(argv) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax reports every read at INFO
-    from .mesh import MeshShape
-    from . import runtime
 
+    # Every flag is checked before anything loads.
     try:
-        shape = MeshShape.parse(_MESH.value)
-    except ValueError as e:
+        args = engine_args_from_flags()
+    except FlagError as e:
         return fail(str(e))
+    if (_LOGPROBS.value or 0) > args.max_logprobs:  # the default logprobs must be allowed
+        args = dataclasses.replace(args, max_logprobs=_LOGPROBS.value)
+    for name, flag in (("max_pending", _MAX_PENDING), ("stop_after", _STOP_AFTER)):
+        if flag.value is not None and flag.value < 1:
+            return fail(f"--{name}={flag.value}: must be >= 1")
     defaults = _default_sampling()
     try:
         SamplingParams(**defaults)
     except ValueError as e:
         return fail(f"default sampling flags: {e}")
+    out_path, metrics_path = _OUTPUT.value, _METRICS.value
+    for flag, path in (("output_jsonl", out_path), ("metrics_json", metrics_path)):
+        problem = output_path_problem(flag, path)
+        if problem:
+            return fail(problem)
+    for (fa, a), (fb, b) in ((("input_jsonl", _INPUT.value), ("output_jsonl", out_path)),
+                             (("input_jsonl", _INPUT.value), ("metrics_json", metrics_path)),
+                             (("output_jsonl", out_path), ("metrics_json", metrics_path))):
+        if _same_file(a, b):
+            return fail(f"--{fa} and --{fb} name the same file {a}")
 
     demo = _INPUT.value is None
     if demo:
-        entries = [Entry(n, f"demo-{n}", p, SamplingParams(**dict(defaults, seed=derived_seed(_SEED.value, n))))
+        entries = [Entry(n, f"demo-{n}", p, SamplingParams(**dict(defaults, seed=derived_seed(args.seed, n))))
                    for n, p in enumerate(DEMO_PROMPTS, start=1)]
         digest = hashlib.sha256(b"demo").digest()
     else:
@@ -460,14 +845,39 @@ def main(argv) -> int:
         except OSError as e:
             return fail(f"cannot read --input_jsonl: {e}")
         digest = hashlib.sha256(raw).digest()
-        text = raw.decode("utf-8", errors="replace")
-        entries = parse_input(text.splitlines(), defaults, _SEED.value)
+        entries = parse_jsonl(raw, defaults, args.seed)
 
+    signals = Signals().install()
+    try:
+        return _run(args, entries, digest, demo, signals)
+    except Interrupted as e:  # before the job started: nothing written
+        print(f"interrupted ({signal.Signals(e.signum).name}): 0 records written; rerun the "
+              "same command to resume", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    finally:
+        signals.restore()
+
+
+def _run(args: EngineArgs, entries: list[Entry], digest: bytes, demo: bool,
+         signals: Signals) -> int:
+    from . import runtime
+
+    shape = args.mesh_shape
     try:
         info = runtime.setup(shape.size, _COORD.value, _NUM_PROC.value, _PROC_ID.value,
                              log=lambda m: _log(m.removeprefix("[distkv] ")))
     except ValueError as e:
         return fail(str(e))
+    signals.install()  # after jax.distributed.initialize, which takes SIGTERM
+    problem = attention_impl_problem(args.attention_impl, info.platform)
+    if problem:
+        return fail(problem)
+    if args.model != "tiny":
+        from .models.loader import describe_missing_model
+
+        problem = describe_missing_model(args.model)
+        if problem:
+            return fail(f"--model={args.model}: {problem}")
     import numpy as np
 
     if info.num_processes > 1:
@@ -478,34 +888,38 @@ def main(argv) -> int:
         if not (np.asarray(digests) == np.asarray(digests)[0]).all():
             return fail("the processes read different inputs (--input_jsonl must be the same file)")
 
-    out_path = _OUTPUT.value
+    out_path, metrics_path = _OUTPUT.value, _METRICS.value
+    out_abs = os.path.abspath(out_path) if out_path else None
     done = np.zeros(len(entries), np.int32)
+    totals, parts_before = RecordStats(), []
     if info.is_main and out_path:
-        ids, lines = read_done(out_path)
+        ids, lines, totals = scan_output(out_path)
         done[:] = [is_done(e, ids, lines) for e in entries]
+        parts_before = earlier_parts(metrics_path, out_abs, resuming=totals.requests > 0)
     if info.num_processes > 1:
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
     todo = [e for e, d in zip(entries, done) if not d]
     skipped = len(entries) - len(todo)
     if info.is_main and not demo:
         _log(f"{len(entries)} requests in {_INPUT.value}"
-             + (f"; {skipped} already in {out_path}, skipped" if skipped else ""))
+             + (f"; {skipped} already in {out_path}, skipped" if skipped else "")
+             + (f"; metrics continue part(s) 1-{len(parts_before)} of {metrics_path}"
+                if parts_before else ""))
 
     from .llm import LLM
 
     t0 = time.perf_counter()
     try:
-        llm = LLM(_MODEL.value, mesh=_MESH.value, block_size=_BLOCK_SIZE.value,
-                  kv_blocks=_KV_BLOCKS.value, host_kv_blocks=_HOST_KV_BLOCKS.value,
-                  kv_policy=_KV_POLICY.value, max_num_seqs=_MAX_NUM_SEQS.value,
-                  max_num_batched_tokens=_MAX_BATCHED.value, dtype=_DTYPE.value,
-                  seed=_SEED.value, max_logprobs=max(20, _LOGPROBS.value or 0),
-                  attention_impl=_ATTENTION.value)
-    except (ValueError, OSError, FileNotFoundError) as e:
-        return fail(f"cannot load model {_MODEL.value!r}: {e}")
+        llm = LLM.from_engine_args(args)
+    except OSError as e:  # FileNotFoundError included
+        return fail(f"cannot load model {args.model!r}: {e}")
+    except (ValueError, TypeError) as e:
+        msg = flag_message(e)
+        return fail(msg if msg else f"cannot start the engine (--model={args.model} "
+                    f"--mesh={args.mesh}): {e}")
     if info.is_main:
-        _log(f"model {_MODEL.value} on mesh {_MESH.value} ({info.num_processes} process(es)), "
-             f"{llm.engine.layout.blocks_per_instance} KV blocks x {_BLOCK_SIZE.value} tokens per "
+        _log(f"model {args.model} on mesh {args.mesh} ({info.num_processes} process(es)), "
+             f"{llm.engine.layout.blocks_per_instance} KV blocks x {args.block_size} tokens per "
              f"instance; loaded in {time.perf_counter() - t0:.1f} s")
 
     out_file = None
@@ -519,24 +933,34 @@ def main(argv) -> int:
                   f"  token_ids: {rec['token_ids']}\n  text: {rec['text']!r}\n"
                   f"  finish_reason: {rec['finish_reason']}", flush=True)
 
-    max_pending = _MAX_PENDING.value or 4 * _MAX_NUM_SEQS.value * shape.inst
+    max_pending = _MAX_PENDING.value or 4 * args.max_num_seqs * shape.inst
     job = Job(llm, todo, out_file, info.is_main, max_pending, _STOP_AFTER.value,
-              on_record=show if demo else None,
-              num_processes=info.num_processes)
+              on_record=show if demo else None, num_processes=info.num_processes,
+              signals=signals, totals=totals, progress=_PROGRESS.value)
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    signals.graceful = True  # from here a signal ends the job after its current step
     try:
-        elapsed = job.run()
+        job.run()
+    except Interrupted:  # a second signal: stop now; what is written stays
+        pass
     finally:
+        signals.holding = True
         if out_file is not None:
             out_file.close()
     if info.is_main:
-        summary = job.summary(elapsed, skipped)
+        summary = job.summary(job.elapsed, skipped, args.mesh, args.model, parts_before,
+                              out_abs, started_at)
+        if metrics_path:
+            write_json_atomic(metrics_path, summary)
         _print_summary(summary)
-        if _METRICS.value:
-            os.makedirs(os.path.dirname(os.path.abspath(_METRICS.value)), exist_ok=True)
-            with open(_METRICS.value, "w") as f:
-                json.dump(summary, f, indent=2)
         if out_path:
-            _log(f"{job.written} records appended to {out_path}")
+            _log(f"{job.written} records appended to {out_path} "
+                 f"({summary['requests']} in all)")
+    if signals.signum is not None:
+        if info.is_main:
+            print(f"interrupted: {job.written} records written; rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+        return 128 + signals.signum
     return 0
 
 

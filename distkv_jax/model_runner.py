@@ -25,20 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .attention_plan import MASKED, bucket
+from .attention_plan import MASKED, bucket, coarse_bucket
 from .dist_attention import DistMeta
 from .engine_args import EngineArgs
 from .kernels.micro_attention import resolve_impl
-from .kv_copy import KVCopier
+from .kv_copy import KVCopier, bucket_size
 from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool
 from .kv_types import StepKVPlan
+from .mesh import INST
 from .models.config import ModelConfig
 from .models.llama import unstack_layers
 from .models.loader import resolve_dtype
 from .paged_model import paged_forward_fn, pool_layout
 from .request import Request
-from .sampling import SamplingTensors, make_sampling_tensors, sample
-from .scheduler import LogitsRow, StepPlan
+from .sampling import SampleResult, SamplingTensors, make_sampling_tensors, report_logprobs, sample
+from .scheduler import LogitsRow, StepPlan, tiles_bucket
 
 log = logging.getLogger("distkv_jax")
 
@@ -52,6 +53,39 @@ DEFAULT_PREFILL_Q_TILE = 8
 _GREEDY_ROW = {"temperature": 0.0}
 
 
+class CompileStats:
+    """XLA programs this process built: compiled, or loaded from the
+    persistent compilation cache (jax.monitoring events)."""
+
+    built = 0            # programs built (compiled or loaded)
+    cache_hits = 0       # ... of which loaded from the persistent cache
+    seconds = 0.0        # time spent building them
+
+    @classmethod
+    def compiled(cls) -> int:
+        return cls.built - cls.cache_hits
+
+    @classmethod
+    def snapshot(cls) -> dict:
+        return {"built": cls.built, "compiled": cls.compiled(), "cache_hits": cls.cache_hits,
+                "seconds": cls.seconds}
+
+
+def _on_event(event: str, **kw) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        CompileStats.cache_hits += 1
+
+
+def _on_duration(event: str, secs: float, **kw) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        CompileStats.built += 1
+        CompileStats.seconds += secs
+
+
+jax.monitoring.register_event_listener(_on_event)
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepShape:
     """The static shape of one step program."""
@@ -62,7 +96,7 @@ class StepShape:
     runs: int        # R: work-list runs per instance
     run: int         # items per run
     logits: int      # S: logits rows per instance
-    num_top: int | None  # top logprobs (None: the step reports none)
+    banned: int = 8  # banned-token columns
 
 
 def kv_blocks_from_memory(layout: PoolLayout, dtype, cfg: ModelConfig, max_num_seqs: int,
@@ -116,37 +150,54 @@ class ModelRunner:
             self.host_pools = PagedKVCache(zeros(), zeros())
         self.copier = KVCopier(mesh)
         self._step = self._make_step()
+        self.shapes_run: set[StepShape] = set()  # shapes of the steps dispatched so far
+        # The step's tokens are always a device array sharded like its rows
+        # (fed from the step in flight or put there), so one program serves
+        # both kinds of step.
+        self._rows = NamedSharding(mesh, P(INST, None))
         self._feed_tokens = jax.jit(
-            lambda tokens, src, prev: jnp.where(src >= 0, prev[jnp.maximum(src, 0)], tokens))
+            lambda tokens, src, prev: jnp.where(src >= 0, prev[jnp.maximum(src, 0)], tokens),
+            out_shardings=self._rows)
 
     # ------------------------------------------------------------ device step
     def _make_step(self):
         forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.attention_impl,
                                    scan_layers=self.args.scan_layers)
-        base_seed = self.args.seed
+        base_seed, num_top = self.args.seed, self.args.max_logprobs
 
-        def step(params, pools, tokens, positions, meta, logits_index, targets, st, num_top):
+        def step(params, pools, tokens, positions, meta, logits_index, targets, st, report):
             logits, pools = forward(params, tokens, positions, pools, meta, logits_index)
             logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
-            res = sample(logits, st, num_top or 0, base_seed, with_logprobs=num_top is not None)
-            if num_top is None:  # no row reports logprobs
-                zeros = jnp.zeros(targets.shape, jnp.float32)
-                return pools, res, zeros, zeros.astype(jnp.int32)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            target_lp = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=1)[:, 0]
-            target_rank = 1 + jnp.sum(logp > target_lp[:, None], axis=-1)
+            tokens = sample(logits, st, 0, base_seed, with_logprobs=False).tokens
+
+            # `report` (a traced flag, not a static one: one program serves
+            # steps with and without logprobs): some row reports logprobs.
+            # Otherwise the log-softmax, ranks and top-k are skipped.
+            def reported():
+                logp = jax.nn.log_softmax(logits, axis=-1)
+                res = report_logprobs(logp, tokens, num_top)
+                target_lp = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=1)[:, 0]
+                target_rank = (1 + jnp.sum(logp > target_lp[:, None], axis=-1)).astype(jnp.int32)
+                return res, target_lp, target_rank
+
+            def skipped():
+                n = tokens.shape[0]
+                z = jnp.zeros((n,), jnp.float32)
+                return (SampleResult(tokens, z, jnp.zeros((n, num_top), jnp.int32),
+                                     jnp.zeros((n, num_top), jnp.float32), z.astype(jnp.int32)),
+                        jnp.zeros(targets.shape, jnp.float32), jnp.zeros(targets.shape, jnp.int32))
+
+            res, target_lp, target_rank = jax.lax.cond(report, reported, skipped)
             return pools, res, target_lp, target_rank
 
-        # num_top (static): top logprobs per row; None when no row of the step
-        # reports logprobs (log-softmax, ranks and top-k are skipped)
         if jax.process_count() == 1:
-            return jax.jit(step, donate_argnums=(1,), static_argnums=(8,))
+            return jax.jit(step, donate_argnums=(1,))
         # Multi-process mesh: every process reads the sampled tokens back, so
         # the small outputs must be replicated (a sharded output would span
         # devices of other processes). Single-process programs are unchanged.
         pool_sh = NamedSharding(self.mesh, self.layout.spec)
         rep = NamedSharding(self.mesh, P())
-        return jax.jit(step, donate_argnums=(1,), static_argnums=(8,),
+        return jax.jit(step, donate_argnums=(1,),
                        out_shardings=(PagedKVCache(pool_sh, pool_sh), rep, rep, rep))
 
     def compiled_programs(self) -> int:
@@ -167,83 +218,111 @@ class ModelRunner:
     def dispatch(self, plan: StepPlan, eos_ids: set[int], prev_result=None):
         """Launch the step (asynchronously: nothing is read back here).
         Returns the device results (SampleResult, target logprobs, ranks)."""
-        tokens = plan.tokens
         if plan.token_src is not None:  # pending tokens: taken from the step in flight
-            tokens = self._feed_tokens(tokens, plan.token_src, prev_result[0].tokens)
+            tokens = self._feed_tokens(plan.tokens, plan.token_src, prev_result[0].tokens)
+        else:
+            tokens = self._put_rows(plan.tokens)
         st = sampling_tensors(plan.logits_rows, eos_ids)
+        a = plan.attention
+        self.shapes_run.add(StepShape(plan.tokens.shape[1], a.tile_rows.shape[0], a.tile_rows.shape[1],
+                                      a.item_tile.shape[1], a.item_tile.shape[2],
+                                      plan.logits_index.shape[1], st.banned.shape[1]))
         self.pools, *result = self._step(
             self.params, self.pools, tokens, plan.positions, DistMeta.from_plan(plan.attention),
-            plan.logits_index, plan.targets, st, self._num_top(plan.logits_rows))
+            plan.logits_index, plan.targets, st, self._reports_logprobs(plan.logits_rows))
         return result
 
-    def _num_top(self, rows: Sequence[LogitsRow | None]) -> int | None:
+    def _put_rows(self, x: np.ndarray) -> jax.Array:
+        if jax.process_count() == 1:
+            return jax.device_put(x, self._rows)
+        # every process holds the same x; each supplies its own devices' rows
+        return jax.make_array_from_callback(x.shape, self._rows, lambda idx: x[idx])
+
+    @staticmethod
+    def _reports_logprobs(rows: Sequence[LogitsRow | None]) -> np.bool_:
         for row in rows:
             if row is not None:
                 p = row.request.params
                 if (p.prompt_logprobs if row.target >= 0 else p.logprobs) is not None:
-                    return self.args.max_logprobs
-        return None
+                    return np.True_
+        return np.False_
 
     # ------------------------------------------------------------ warm start
     def step_shapes(self, max_model_len: int, run_choices: Sequence[int],
                     min_rows: int) -> list[StepShape]:
-        """The step programs the engine compiles before it is ready.
-
-        Rows T: every bucket up to max_num_batched_tokens. Decode steps
-        (query tile 1): one tile per row and one logits row per row, so tiles
-        and logits rows follow from T. Steps with prefill chunks: tiles from
-        one chunk's (T / q_tile) up to one per row, logits rows 8 (the common
-        case: a few chunks end in the step). Runs R: every bucket up to what
-        the instance's blocks, or the rows' contexts at max_model_len, can
-        fill. Each with and without logprobs. Shapes outside this set (more
-        logits rows in a prefill step, more than 8 banned tokens) compile on
-        first use (from the persistent compilation cache after a restart).
-        """
+        """Every step program the scheduler can ask for (scheduler.py's
+        buckets): rows T up to max_num_batched_tokens; decode steps (query
+        tile 1) and steps with prefill chunks; logits rows and tiles as the
+        scheduler derives them from T; every run length; runs R up to what
+        an instance's blocks, or its tiles' contexts at max_model_len, can
+        fill. Steps with more than 8 banned tokens per row (a request with
+        many stop ids under min_tokens) are outside the set; so are plans
+        whose chunks split into more pieces than `tiles_bucket` allows."""
         I, nb, bs = self.layout.num_instances, self.layout.blocks_per_instance, self.layout.block_size
         ctx_blocks = -(-max_model_len // bs)
         t_max = bucket(self.args.max_num_batched_tokens, min_rows)
         shapes = []
         T = bucket(1, min_rows)
         while T <= t_max:
-            lo_rows = 1 if T == min_rows else I * T // 2 + 1  # total rows of a step with this T
             for q_tile in (1, self.prefill_q_tile):
-                if q_tile == 1:
-                    tile_set = _buckets(bucket(lo_rows, 8), bucket(I * T, 8))
-                    logits = T
-                else:  # one chunk's tiles, or twice that (a few chunks, some decodes)
-                    lo = bucket(-(-lo_rows // q_tile), 8)
-                    tile_set = [t for t in (lo, 2 * lo) if t <= bucket(I * T, 8)]
-                    logits = min_rows
-                for tiles in tile_set:
+                for S in sorted({T} if q_tile == 1 else {min_rows, T}):
+                    tiles = tiles_bucket(I, T, S, q_tile)
                     for run in run_choices:
-                        # per instance: its blocks, and each tile's context, in runs
                         reach = min(nb // run + tiles, tiles * -(-ctx_blocks // run))
-                        for R in _buckets(8, bucket(reach, 8)):
-                            shapes.append(StepShape(T, tiles, q_tile, R, run, logits, None))
+                        R = coarse_bucket(1, 8)
+                        while True:
+                            shapes.append(StepShape(T, tiles, q_tile, R, run, S))
+                            if R >= reach:
+                                break
+                            R *= 4
             T *= 2
         return shapes
 
-    def warm_start(self, shapes: Sequence[StepShape], progress: bool = True) -> tuple[int, float]:
-        """Compile (by running an all-padding step: it writes no KV) every
-        shape; returns (programs compiled, seconds)."""
+    def warm_start(self, shapes: Sequence[StepShape], move_batches: int,
+                   progress: bool = True) -> dict:
+        """Build every program the engine can run before it takes requests:
+        each step shape (an all-padding step: it writes no KV), the token
+        hand-over between overlapped steps for each (rows, previous logits
+        rows) pair, and the KV copies for each batch bucket (moves up to
+        `move_batches` blocks, swaps up to the copier's swap batch). Programs
+        come from the persistent compilation cache when it has them."""
+        before = CompileStats.snapshot()
         t0 = time.perf_counter()
-        before = self._step._cache_size()
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(shapes), desc="[distkv] compiling step programs", unit="prog",
+            bar = tqdm(total=len(shapes), desc="[distkv] warm start: step programs", unit="prog",
                        mininterval=1.0, dynamic_ncols=True)
-        out = None
+        sampled = {}  # logits rows -> a step's sampled tokens (as the next step gets them)
         for shape in shapes:
-            out = self._run_padding_step(shape)
+            sampled[shape.logits] = self._run_padding_step(shape)[0].tokens
             if bar is not None:
                 bar.update(1)
-        if out is not None:
-            jax.block_until_ready(out)
+        I = self.layout.num_instances
+        for T in sorted({sh.rows for sh in shapes}):
+            none = np.full((I, T), -1, np.int32)
+            for prev in sampled.values():
+                self._feed_tokens(none, none, prev)
+        n = 1
+        while n <= bucket_size(move_batches):
+            self.pools = self.copier.move(self.pools, [(0, -1)] * n)
+            n *= 2
+        if self.host_pools is not None:
+            n = 1
+            while n <= self.copier.max_swap_batch:
+                self.host_pools = self.copier.swap_out(self.pools, self.host_pools, [(0, -1)] * n)
+                self.pools = self.copier.swap_in(self.host_pools, self.pools, [(0, -1)] * n)
+                n *= 2
+        jax.block_until_ready((self.pools, self.host_pools))
         if bar is not None:
             bar.close()
-        return self._step._cache_size() - before, time.perf_counter() - t0
+        after = CompileStats.snapshot()
+        return {"step_shapes": len(shapes), "seconds": time.perf_counter() - t0,
+                "programs": after["built"] - before["built"],
+                "compiled": after["compiled"] - before["compiled"],
+                "from_cache": after["cache_hits"] - before["cache_hits"],
+                "compile_seconds": after["seconds"] - before["seconds"]}
 
     def _run_padding_step(self, s: StepShape):
         I = self.layout.num_instances
@@ -255,21 +334,12 @@ class ModelRunner:
             item_block=np.zeros((I, s.runs, s.run), np.int32),
             item_kstart=np.full((I, s.runs, s.run), MASKED, np.int32))
         st = make_sampling_tensors([_GREEDY_ROW] * n, [0] * n, [None] * n, seeds=[0] * n,
-                                   banned_width=MIN_BANNED)
+                                   banned_width=s.banned)
         zeros = np.zeros((I, s.rows), np.int32)
         self.pools, *result = self._step(
-            self.params, self.pools, zeros, zeros, meta, np.zeros((I, s.logits), np.int32),
-            np.full(n, -1, np.int32), st, s.num_top)
+            self.params, self.pools, self._put_rows(zeros), zeros, meta,
+            np.zeros((I, s.logits), np.int32), np.full(n, -1, np.int32), st, np.False_)
         return result
-
-
-def _buckets(lo: int, hi: int) -> list[int]:
-    """Powers of two from bucket(lo) to hi."""
-    out, b = [], bucket(lo, 1)
-    while b <= hi:
-        out.append(b)
-        b *= 2
-    return out
 
 
 def sampling_tensors(rows: Sequence[LogitsRow | None], eos_ids: set[int]) -> SamplingTensors:

@@ -40,7 +40,7 @@ import numpy as np
 
 from distkv_jax.sampling_params import GREEDY_EPS
 
-__all__ = ["SamplingTensors", "SampleResult", "make_sampling_tensors", "sample"]
+__all__ = ["SamplingTensors", "SampleResult", "make_sampling_tensors", "sample", "report_logprobs"]
 
 
 def _next_pow2(x: int) -> int:
@@ -256,8 +256,14 @@ def sample(logits, st: SamplingTensors, num_top: int, base_key_seed=0,
         zeros = jnp.zeros((n,), jnp.float32)
         return SampleResult(tokens, zeros, jnp.zeros((n, 0), jnp.int32),
                             jnp.zeros((n, 0), jnp.float32), zeros.astype(jnp.int32))
-    # Reported values: raw distribution.
-    raw_logp = jax.nn.log_softmax(logits, axis=-1)
+    return report_logprobs(jax.nn.log_softmax(logits, axis=-1), tokens, num_top)
+
+
+def report_logprobs(raw_logp: jax.Array, tokens: jax.Array, num_top: int) -> SampleResult:
+    """The reported values for chosen `tokens` from the raw log-softmax: the
+    chosen token's logprob, its 1-based rank, and the `num_top` most likely
+    tokens (static)."""
+    n = raw_logp.shape[0]
     chosen_lp = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)[:, 0]
     ranks = jnp.sum(raw_logp >= chosen_lp[:, None], axis=-1).astype(jnp.int32)
     if num_top > 0:

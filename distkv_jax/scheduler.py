@@ -12,8 +12,11 @@ and leave; each step is planned as:
 2. The KV cache manager turns demands into slots, migrations, preemptions
    (swap to host, recompute when the host is full) and swap-ins.
 3. The step's arrays (tokens, positions, DistAttention plan, rows to compute
-   logits for) are padded to power-of-two buckets so XLA compiles a handful
-   of programs.
+   logits for) are padded to buckets so XLA compiles a bounded set of
+   programs, known in advance (`step_buckets`): rows per instance T, a power
+   of two; logits rows S = T, or min_rows in steps with at most that many
+   (prefill chunks); query tiles from (T, S, query tile); work-list runs in
+   power-of-four buckets.
 
 A request is a token stream (prompt + generated) and a count of tokens whose
 KV is cached; a step processes the next chunk of that stream. When a chunk
@@ -44,6 +47,22 @@ class SchedulerConfig:
     run_choices: tuple[int, ...] = (4, 16)
     min_rows: int = 8
     watermark_blocks: int = 1         # free blocks kept when admitting new requests
+
+
+def logits_bucket(num_logits: int, rows: int, min_rows: int) -> int:
+    """Logits rows per instance: few (a step of prefill chunks) or all rows."""
+    return min_rows if num_logits <= min_rows else rows
+
+
+def tiles_bucket(num_instances: int, rows: int, logits: int, q_tile: int) -> int:
+    """Query tiles of a step (the least the plan pads to). One row per tile
+    (q_tile 1): one per row. Otherwise a tile per logits row (decodes and
+    chunk ends), the chunks' full tiles, and a few split pieces; never more
+    than one per row."""
+    I = num_instances
+    if q_tile == 1:
+        return bucket(I * rows)
+    return min(bucket(I * logits + -(-I * rows // q_tile) + 4 * I), bucket(I * rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,9 +304,10 @@ class Scheduler:
                 logits[s.instance].append((s.row + s.count - 1,
                                            LogitsRow(r, s.start + s.count - 1, -1)))
         q_tile = 1 if all(s.count == 1 for s in seqs) else cfg.prefill_q_tile
+        S = logits_bucket(max(len(x) for x in logits), T, cfg.min_rows)
         attention = build_attention_plan(queries, self.geom, T, q_tile=q_tile,
+                                         min_tiles=tiles_bucket(I, T, S, q_tile),
                                          run_choices=cfg.run_choices)
-        S = bucket(max(len(x) for x in logits), cfg.min_rows)
         logits_index = np.zeros((I, S), np.int32)
         targets = np.full(I * S, -1, np.int32)
         rows: list[LogitsRow | None] = [None] * (I * S)

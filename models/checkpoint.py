@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 import orbax.checkpoint as ocp
 
 from .config import ModelConfig
-from .loader import resolve_dtype
+from .loader import describe_missing_model, resolve_dtype
 from .params import param_specs, tree_from_specs
 from .sharding import TP, rules_for, spec_sharding
 
@@ -52,6 +52,10 @@ def is_orbax_checkpoint(path: str) -> bool:
 
 def restore_params(ckpt_dir: str, mesh: Mesh, dtype: Any = "float32",
                    cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
+    if cfg is None:
+        problem = describe_missing_model(ckpt_dir)
+        if problem:
+            raise FileNotFoundError(problem)
     ckpt_dir = os.path.abspath(ckpt_dir)
     cfg = cfg or ModelConfig.from_dir(ckpt_dir)
     dtype = resolve_dtype(dtype)

@@ -10,6 +10,7 @@ holds more than one parameter.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -33,6 +34,38 @@ def resolve_dtype(dtype: Any) -> Any:
     if jnp.dtype(dtype) not in {jnp.dtype(d) for d in DTYPES.values()}:
         raise ValueError(f"dtype {dtype} is not supported; choose float32 or bfloat16")
     return dtype
+
+
+# "org/name" as on the Hugging Face hub (one slash, no leading dot or slash)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def describe_missing_model(path: str) -> str | None:
+    """Why `path` is not a loadable model directory, in words (None when it
+    has a config.json: a Hugging Face directory or an orbax checkpoint, which
+    the loaders then check in detail). Nothing is ever downloaded."""
+    path = os.fspath(path)
+    if not path:
+        return "no model given (a Hugging Face model directory, an orbax checkpoint or 'tiny')"
+    if not os.path.exists(path):
+        if _HUB_ID.fullmatch(path) and not path.startswith("."):
+            return (f"model directory {path} does not exist; {path!r} looks like a Hugging Face "
+                    "hub id, but nothing is downloaded: give a local directory (e.g. "
+                    f"`huggingface-cli download {path} --local-dir DIR`, then DIR)")
+        return f"model directory {path} does not exist"
+    if not os.path.isdir(path):
+        return (f"model path {path} is a file, not a directory (give the directory holding "
+                "config.json and the *.safetensors files)")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    if os.path.isdir(os.path.join(path, "params")):
+        return (f"orbax checkpoint directory {path} has no config.json (python -m "
+                "distkv_jax.convert writes it beside params/)")
+    if os.path.isdir(os.path.join(path, "snapshots")):
+        return (f"model directory {path} has no config.json; it looks like a Hugging Face cache "
+                "entry: give one of its snapshots/<revision> directories")
+    return (f"model directory {path} has no config.json: neither a Hugging Face model directory "
+            "nor an orbax checkpoint (python -m distkv_jax.convert)")
 
 
 def _hf_names(spec: ParamSpec, cfg: ModelConfig) -> list[str]:
@@ -61,6 +94,10 @@ def _read_slice(reader: CheckpointReader, spec: ParamSpec, cfg: ModelConfig, ind
 def load_params(model_dir: str, mesh: Mesh, dtype: Any = "float32",
                 cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
     """Read the checkpoint in `model_dir` onto `mesh`. Returns (config, params)."""
+    if cfg is None:
+        problem = describe_missing_model(model_dir)
+        if problem:
+            raise FileNotFoundError(problem)
     cfg = cfg or ModelConfig.from_dir(model_dir)
     dtype = resolve_dtype(dtype)
     rules = rules_for(cfg, mesh.shape[TP])

@@ -24,3 +24,10 @@ def test_bench_throughput_quick(tmp_path):
         n = row["requests"]
         assert row["identical_outputs"] == f"{n}/{n}"
     assert result["rows"][0]["decode_floor_ms"] > 0
+    # warm start: the first call compiles nothing new; a second process
+    # start takes its programs from the persistent compilation cache
+    st = result["startup"]
+    assert st["first_start"]["compiled"] == st["first_start"]["shapes"] > 0
+    assert all(row["first_call_compiled_programs"] == 0 for row in result["rows"]), result["rows"]
+    assert st["second_start"]["warm_start"]["shapes"] == st["first_start"]["shapes"]
+    assert st["second_over_first_compile"] < 1

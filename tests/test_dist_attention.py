@@ -153,7 +153,7 @@ def test_plan_work_is_proportional_to_blocks():
     spread = SeqQuery(2, 0, [40], [200, 300, 10])                 # instances 2, 3, 0
     plan = build_attention_plan([long, short, spread], geom, 4, run=1)
     assert plan.items_per_instance().tolist() == [64, 1, 1, 1]
-    assert plan.item_tile.shape == (4, 64, 1)
+    assert plan.item_tile.shape == (4, 128, 1)  # R: power-of-four buckets 8, 32, 128
     # Automatic run length: runs of 4 (instance 0: 16 runs of the long
     # sequence + 1 padded run of the other; R bucketed to 32).
     plan = build_attention_plan([long, short, spread], geom, 4)
