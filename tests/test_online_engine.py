@@ -312,3 +312,33 @@ def test_two_process_online_engine_matches_one_process(tmp_path):
             assert reason1 == reason2 == "abort"
         else:
             assert reason1 == reason2 == "length" and toks1 == toks2, k
+
+
+# ------------------------------------------------------------------ warm start
+def test_warm_start_builds_every_program_a_workload_uses():
+    """After warm start, a mixed workload (prefill chunks, decodes, sampling
+    with and without logprobs, prompt logprobs, preemption with swaps,
+    borrowing) compiles no XLA program: every step it runs has a shape in
+    the warm-start set."""
+    from distkv_jax.model_runner import CompileStats
+
+    llm = LLM("tiny", mesh="2x1", block_size=8, kv_blocks=10, host_kv_blocks=8,
+              max_num_batched_tokens=16, max_num_seqs=4, compile_cache_dir=None)
+    eng = llm.engine
+    info = eng.warm_start_info
+    assert info["programs"] >= info["step_shapes"] > 0
+    print(f"warm start: {info}")
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, 500, size=int(n)).tolist() for n in rng.integers(1, 60, size=12)]
+    params = [SamplingParams(temperature=float(k % 3) * 0.4, seed=k, max_tokens=int(m), ignore_eos=True,
+                             logprobs=2 if k % 4 == 0 else None,
+                             prompt_logprobs=1 if k == 5 else None)
+              for k, m in enumerate(rng.integers(1, 30, size=12))]
+    before = CompileStats.compiled()
+    outs = llm.generate(prompts, params)
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert eng.stats["preemptions"] > 0 and eng.stats["max_remote_blocks"] > 0
+    assert CompileStats.compiled() == before
+    cfg = eng.scheduler.config
+    assert eng.runner.shapes_run <= set(eng.runner.step_shapes(eng.max_model_len, cfg.run_choices,
+                                                               cfg.min_rows))
