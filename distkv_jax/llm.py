@@ -48,11 +48,16 @@ def load_model(model: str, mesh, dtype):
 def enable_compile_cache(path: str | None) -> None:
     """JAX's persistent compilation cache: a restarted engine loads its step
     programs instead of compiling them again."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if jax.config.jax_compilation_cache_dir != path:
+        # the cache is looked up once per process: a process that compiled
+        # before (without a cache, or with another one) must look again
+        compilation_cache.reset_cache()
+        compilation_cache.set_cache_dir(path)
     if path is None:
         return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
     # every program of the engine is worth keeping (the defaults skip ones
     # that compile in under a second)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
