@@ -22,6 +22,7 @@ same step. `wait()` on the other processes returns when process 0 shuts down.
 
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import itertools
 import logging
@@ -55,17 +56,11 @@ class _Stream:
 
 class AsyncLLM:
     def __init__(self, model: str, **kwargs: Any):
-        unknown = sorted(set(kwargs) - set(EngineArgs.field_names()))
-        if unknown:
-            raise TypeError(f"AsyncLLM() got unknown argument(s) {', '.join(unknown)}; "
-                            f"engine arguments are: {', '.join(EngineArgs.field_names())}")
-        self._init(EngineArgs(model=model, **kwargs))
+        self._init(EngineArgs.from_kwargs("AsyncLLM", model, kwargs))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
-        llm = cls.__new__(cls)
-        llm._init(args)
-        return llm
+        return cls(**dataclasses.asdict(args))
 
     def _init(self, args: EngineArgs) -> None:
         from .llm import build_engine

@@ -150,6 +150,16 @@ class EngineArgs:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
+    def from_kwargs(cls, caller: str, model: str, kwargs: dict) -> "EngineArgs":
+        """`caller(model, **kwargs)`'s arguments; TypeError for a name that is
+        not a field (as Python reports an unknown keyword)."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"{caller}() got unknown argument(s) {', '.join(unknown)}; "
+                            f"engine arguments are: {', '.join(cls.field_names())}")
+        return cls(model=model, **kwargs)
+
+    @classmethod
     def define_flags(cls, flag_values=None) -> None:
         """One absl flag per field (same name, type, default and help)."""
         from absl import flags

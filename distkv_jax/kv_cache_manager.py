@@ -20,7 +20,7 @@ the newest running requests; growth is served oldest first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 

@@ -11,6 +11,7 @@ default), compiles the step programs before it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -93,17 +94,11 @@ def normalize_batch(prompts, sampling_params) -> tuple[list, list[SamplingParams
 
 class LLM:
     def __init__(self, model: str, **kwargs: Any):
-        unknown = sorted(set(kwargs) - set(EngineArgs.field_names()))
-        if unknown:
-            raise TypeError(f"LLM() got unknown argument(s) {', '.join(unknown)}; "
-                            f"engine arguments are: {', '.join(EngineArgs.field_names())}")
-        self._init(EngineArgs(model=model, **kwargs))
+        self._init(EngineArgs.from_kwargs("LLM", model, kwargs))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLM":
-        llm = cls.__new__(cls)
-        llm._init(args)
-        return llm
+        return cls(**dataclasses.asdict(args))
 
     def _init(self, args: EngineArgs) -> None:
         self.engine_args = args

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -295,10 +294,21 @@ class ModelRunner:
             bar = tqdm(total=len(shapes), desc="[distkv] warm start: step programs", unit="prog",
                        mininterval=1.0, dynamic_ncols=True)
         sampled = {}  # logits rows -> a step's sampled tokens (as the next step gets them)
+        warmed = 0
         for shape in shapes:
+            if _near_map_limit():
+                break
             sampled[shape.logits] = self._run_padding_step(shape)[0].tokens
+            warmed += 1
             if bar is not None:
                 bar.update(1)
+        if warmed < len(shapes):
+            used, limit = _memory_maps()
+            log.warning("warm start stopped after %d of %d step programs: the process holds %d of "
+                        "its %d memory mappings (vm.max_map_count; XLA:CPU maps a few hundred per "
+                        "program). The rest compile on first use, and may hit the same limit: raise "
+                        "vm.max_map_count or lower max_num_batched_tokens.",
+                        warmed, len(shapes), used, limit)
         I = self.layout.num_instances
         for T in sorted({sh.rows for sh in shapes}):
             none = np.full((I, T), -1, np.int32)
@@ -318,7 +328,8 @@ class ModelRunner:
         if bar is not None:
             bar.close()
         after = CompileStats.snapshot()
-        return {"step_shapes": len(shapes), "seconds": time.perf_counter() - t0,
+        return {"step_shapes": len(shapes), "warmed_step_shapes": warmed,
+                "seconds": time.perf_counter() - t0,
                 "programs": after["built"] - before["built"],
                 "compiled": after["compiled"] - before["compiled"],
                 "from_cache": after["cache_hits"] - before["cache_hits"],
@@ -340,6 +351,27 @@ class ModelRunner:
             self.params, self.pools, self._put_rows(zeros), zeros, meta,
             np.zeros((I, s.logits), np.int32), np.full(n, -1, np.int32), st, np.False_)
         return result
+
+
+def _memory_maps() -> tuple[int, int]:
+    """(memory mappings this process holds, the kernel's limit), or (0, 0)
+    where /proc does not tell."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+        return used, limit
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def _near_map_limit(fraction: float = 0.85) -> bool:
+    """XLA:CPU maps each compiled program's code into a few hundred memory
+    mappings; past the kernel's vm.max_map_count the next compile aborts the
+    process. Warm start stops short of it."""
+    used, limit = _memory_maps()
+    return limit > 0 and used > fraction * limit
 
 
 def sampling_tensors(rows: Sequence[LogitsRow | None], eos_ids: set[int]) -> SamplingTensors:

@@ -29,6 +29,7 @@ def test_bench_throughput_quick(tmp_path):
     st = result["startup"]
     first, second = st["first_start"], st["second_start"]["warm_start"]
     assert first["compiled"] == first["programs"] > first["step_shapes"] > 0
+    assert first["warmed_step_shapes"] == first["step_shapes"]
     assert all(row["first_call_compiled_programs"] == 0 for row in result["rows"]), result["rows"]
     assert second["programs"] == first["programs"] and second["compiled"] == 0
     assert second["from_cache"] == first["programs"]

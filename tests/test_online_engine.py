@@ -262,7 +262,8 @@ def test_max_model_len_refuses_long_prompts_and_caps_generation(tmp_path):
     assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].outputs[0].token_ids) == 24
     assert len(outs[2].outputs[0].token_ids) == 54
     with pytest.raises(ValueError, match="max_model_len=1000"):
-        LLM(str(path), block_size=8, kv_blocks=4, max_model_len=1000, warm_start=False)
+        LLM.from_engine_args(EngineArgs(model=str(path), block_size=8, kv_blocks=4,
+                                        max_model_len=1000, warm_start=False))
 
 
 # ------------------------------------------------------------------ multi-host
