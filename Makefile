@@ -21,7 +21,7 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 	touch $@
 
 demo: $(VENV)/.stamp-base
-	$(BIN)/python -m distkv_jax.launch --model tiny --mesh 2x2 --temperature 0 --max_tokens 24 --kv_blocks 64
+	$(BIN)/python -m distkv_jax.launch --model tiny --mesh 2x2 --temperature 0 --max_tokens 24 --kv_blocks 64 --max_num_batched_tokens 64
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
