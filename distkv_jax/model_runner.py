@@ -163,6 +163,10 @@ class ModelRunner:
         forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.attention_impl,
                                    scan_layers=self.args.scan_layers)
         base_seed, num_top = self.args.seed, self.args.max_logprobs
+        # sampled tokens leave the step padded to one length, so the next
+        # step's token hand-over is one program per row count, not one per
+        # (rows, this step's logits rows) pair
+        max_sampled = self.layout.num_instances * bucket(self.args.max_num_batched_tokens)
 
         def step(params, pools, tokens, positions, meta, logits_index, targets, st, report):
             logits, pools = forward(params, tokens, positions, pools, meta, logits_index)
@@ -187,6 +191,7 @@ class ModelRunner:
                         jnp.zeros(targets.shape, jnp.float32), jnp.zeros(targets.shape, jnp.int32))
 
             res, target_lp, target_rank = jax.lax.cond(report, reported, skipped)
+            res = res._replace(tokens=jnp.pad(res.tokens, (0, max_sampled - res.tokens.shape[0])))
             return pools, res, target_lp, target_rank
 
         if jax.process_count() == 1:
@@ -293,12 +298,12 @@ class ModelRunner:
 
             bar = tqdm(total=len(shapes), desc="[distkv] warm start: step programs", unit="prog",
                        mininterval=1.0, dynamic_ncols=True)
-        sampled = {}  # logits rows -> a step's sampled tokens (as the next step gets them)
+        sampled = None  # a step's sampled tokens, as the next step gets them
         warmed = 0
         for shape in shapes:
             if _near_map_limit():
                 break
-            sampled[shape.logits] = self._run_padding_step(shape)[0].tokens
+            sampled = self._run_padding_step(shape)[0].tokens
             warmed += 1
             if bar is not None:
                 bar.update(1)
@@ -310,10 +315,9 @@ class ModelRunner:
                         "vm.max_map_count or lower max_num_batched_tokens.",
                         warmed, len(shapes), used, limit)
         I = self.layout.num_instances
-        for T in sorted({sh.rows for sh in shapes}):
+        for T in sorted({sh.rows for sh in shapes[:warmed]}):
             none = np.full((I, T), -1, np.int32)
-            for prev in sampled.values():
-                self._feed_tokens(none, none, prev)
+            self._feed_tokens(none, none, sampled)
         n = 1
         while n <= bucket_size(move_batches):
             self.pools = self.copier.move(self.pools, [(0, -1)] * n)
