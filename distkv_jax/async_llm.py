@@ -54,6 +54,13 @@ class _Stream:
             pass
 
 
+class _StatsWaiter:
+    __slots__ = ("event", "value")
+
+    def __init__(self):
+        self.event, self.value = threading.Event(), None
+
+
 class AsyncLLM:
     def __init__(self, model: str, **kwargs: Any):
         self._init(EngineArgs.from_kwargs("AsyncLLM", model, kwargs))
@@ -73,6 +80,9 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._stopping = False
         self._error: BaseException | None = None
+        self._stat_waiters: list[_StatsWaiter] = []
+        self._last_stats: dict | None = None
+        self._engine_waiting = 0   # the engine's waiting requests after its last step
         import jax
 
         from .command_channel import CommandChannel
@@ -84,6 +94,35 @@ class AsyncLLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def check_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids if the engine would accept the request; else
+        ValueError saying why (the same checks the engine applies when it
+        adds it). Lets a server refuse bad input before it streams anything."""
+        return self.engine.inputs.process("check", prompt, params, 0).prompt_token_ids
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued for the engine thread, plus those
+        the engine held waiting after its last step."""
+        with self._cv:
+            return self._engine_waiting + sum(1 for c in self._commands if c[0] == "add")
+
+    def stats(self, timeout: float = 2.0) -> dict | None:
+        """The engine's metrics snapshot (Engine.metrics_snapshot), taken by
+        the engine thread at its next step boundary; the previous one if that
+        takes longer than `timeout` (a long step), None if there is none."""
+        waiter = _StatsWaiter()
+        with self._cv:
+            if self._error is None and self._thread.is_alive():
+                self._stat_waiters.append(waiter)
+                self._cv.notify()
+        if waiter.event.wait(timeout):
+            return waiter.value
+        return self._last_stats
 
     @property
     def is_running(self) -> bool:
@@ -130,6 +169,13 @@ class AsyncLLM:
             self._commands.append(("abort", str(request_id)))
             self._cv.notify()
 
+    def abort_all(self) -> None:
+        """Abort every request a caller is still waiting on."""
+        with self._cv:
+            for rid in self._streams:
+                self._commands.append(("abort", rid))
+            self._cv.notify()
+
     def shutdown(self, timeout: float | None = 60.0) -> None:
         """Stop the engine thread; requests still running are aborted."""
         with self._cv:
@@ -157,7 +203,10 @@ class AsyncLLM:
             commands, stopping = self._channel.receive()
         else:
             with self._cv:
-                while not self._commands and not self._stopping and not eng.has_unfinished():
+                while True:
+                    self._answer_stats()
+                    if self._commands or self._stopping or eng.has_unfinished():
+                        break
                     self._cv.wait()
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
@@ -174,7 +223,20 @@ class AsyncLLM:
                 eng.abort(cmd[1])
         if stopping:
             eng.abort_all()
+        waiting = sum(1 for r in eng.scheduler.requests.values() if r.status == "waiting")
+        with self._cv:
+            self._engine_waiting = waiting
         return not stopping
+
+    def _answer_stats(self) -> None:
+        """Engine thread, holding the lock: answer /metrics-style callers."""
+        if not self._stat_waiters:
+            return
+        self._last_stats = self.engine.metrics_snapshot()
+        for w in self._stat_waiters:
+            w.value = self._last_stats
+            w.event.set()
+        self._stat_waiters = []
 
     def _deliver_error(self, request_id: str, err: BaseException) -> None:
         with self._cv:

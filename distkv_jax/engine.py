@@ -311,6 +311,42 @@ class Engine:
             outs.append(self.outputs.make_output(req))
         return outs
 
+    def metrics_snapshot(self) -> dict:
+        """The engine's state for monitoring (/metrics), as plain data: request
+        counts by status, KV use per instance (device and host tier), the
+        debt ledger, borrowed blocks, the most instances one request's KV
+        spans now, and the running counters. Reads only; call it between
+        steps (AsyncLLM does, on its engine thread)."""
+        counts = {s: 0 for s in (RequestStatus.WAITING, RequestStatus.RUNNING,
+                                 RequestStatus.SWAPPED)}
+        for req in self.scheduler.requests.values():
+            if req.status in counts:
+                counts[req.status] += 1
+        kc = self.kv.config
+        ledger = self.kv.ledger()
+        span = 0
+        for rid in self.kv.requests():  # arrival order
+            if self.kv.state(rid) == RequestStatus.RUNNING:
+                blocks = self.kv.block_ids(rid)
+                if len(blocks):
+                    span = max(span, len(np.unique(blocks // kc.blocks_per_instance)))
+        host_total = kc.host_blocks_per_instance
+        host_used = (host_total - self.kv.free_host_blocks()) if host_total else \
+            np.zeros(kc.num_instances, np.int64)
+        return {
+            "num_waiting": counts[RequestStatus.WAITING],
+            "num_running": counts[RequestStatus.RUNNING],
+            "num_swapped": counts[RequestStatus.SWAPPED],
+            "kv_usage": self.kv_usage().tolist(),
+            "host_blocks_used": np.asarray(host_used).tolist(),
+            "host_blocks_per_instance": host_total,
+            "blocks_per_instance": kc.blocks_per_instance,
+            "ledger": ledger.tolist(),            # [debtor][creditor]
+            "borrowed": (ledger.sum(axis=1) - np.diag(ledger)).tolist(),
+            "max_request_instances": span,
+            "stats": dict(self.stats),
+        }
+
     def kv_usage(self) -> np.ndarray:
         """Fraction of each instance's device blocks in use."""
         free = self.kv.free_device_blocks()

@@ -103,6 +103,25 @@ _PROC_ID = flags.DEFINE_integer("process_id", None, "this process (default: $JAX
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "testing: simulate a crash (exit status "
                                    f"{3}) after writing this many records")
 
+# serving (--serve): an OpenAI-compatible HTTP server instead of a batch job
+_SERVE = flags.DEFINE_boolean("serve", False, "run the OpenAI-compatible HTTP server "
+                              "(POST /v1/completions, /v1/chat/completions; GET /v1/models, "
+                              "/health, /metrics) instead of a batch job")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "--serve: address to listen on")
+_PORT = flags.DEFINE_integer("port", 8000, "--serve: port to listen on")
+_API_KEY = flags.DEFINE_string("api_key", None, "--serve: require 'Authorization: Bearer KEY' "
+                               "on /v1 (default: $DISTKV_API_KEY, else no key)")
+_SERVED_NAME = flags.DEFINE_string("served_model_name", None, "--serve: the model name clients "
+                                   "send (default: the --model value)")
+_CHAT_TEMPLATE = flags.DEFINE_string("chat_template", None, "--serve: a Jinja chat template file "
+                                     "(default: the tokenizer's own)")
+_MAX_BYTES = flags.DEFINE_integer("max_request_bytes", 16 << 20, "--serve: larger request bodies "
+                                  "are refused (413)")
+_MAX_QUEUED = flags.DEFINE_integer("max_queued_requests", 1024, "--serve: with more requests "
+                                   "waiting, new ones are refused (503 + Retry-After)")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_float("shutdown_timeout", 30.0, "--serve: on SIGTERM, seconds "
+                                       "running requests may still take before they are aborted")
+
 CRASH_EXIT = 3
 DEMO_PROMPTS = [
     "The KV cache of a long request",
@@ -812,6 +831,8 @@ def main(argv) -> int:
         args = engine_args_from_flags()
     except FlagError as e:
         return fail(str(e))
+    if _SERVE.value:
+        return _serve(args)
     if (_LOGPROBS.value or 0) > args.max_logprobs:  # the default logprobs must be allowed
         args = dataclasses.replace(args, max_logprobs=_LOGPROBS.value)
     for name, flag in (("max_pending", _MAX_PENDING), ("stop_after", _STOP_AFTER)):
@@ -856,6 +877,56 @@ def main(argv) -> int:
         return 128 + e.signum
     finally:
         signals.restore()
+
+
+def _serve(args: EngineArgs) -> int:
+    """--serve: check the server's flags, join the job, run the server."""
+    from .chat_template import load_chat_template
+
+    if _INPUT.value or _OUTPUT.value or _METRICS.value:
+        return fail("--serve takes requests over HTTP: drop --input_jsonl / --output_jsonl / "
+                    "--metrics_json")
+    if not 0 <= _PORT.value <= 65535:
+        return fail(f"--port={_PORT.value}: must be in [0, 65535]")
+    for name, flag in (("max_request_bytes", _MAX_BYTES), ("max_queued_requests", _MAX_QUEUED)):
+        if flag.value < 1:
+            return fail(f"--{name}={flag.value}: must be >= 1")
+    if not _SHUTDOWN_TIMEOUT.value >= 0:
+        return fail(f"--shutdown_timeout={_SHUTDOWN_TIMEOUT.value}: must be >= 0")
+    try:
+        template = load_chat_template(_CHAT_TEMPLATE.value)
+    except ValueError as e:
+        return fail(str(e))
+    from .serving.state import ServerConfig
+
+    config = ServerConfig(
+        model_name=_SERVED_NAME.value or args.model,
+        api_key=_API_KEY.value or os.environ.get("DISTKV_API_KEY") or None,
+        max_request_bytes=_MAX_BYTES.value, max_queued_requests=_MAX_QUEUED.value,
+        shutdown_timeout=_SHUTDOWN_TIMEOUT.value, chat_template=template)
+    from . import runtime
+
+    try:
+        info = runtime.setup(args.mesh_shape.size, _COORD.value, _NUM_PROC.value, _PROC_ID.value,
+                             log=lambda m: _log(m.removeprefix("[distkv] ")))
+    except ValueError as e:
+        return fail(str(e))
+    problem = attention_impl_problem(args.attention_impl, info.platform)
+    if problem:
+        return fail(problem)
+    if args.model != "tiny":
+        from .models.loader import describe_missing_model
+
+        problem = describe_missing_model(args.model)
+        if problem:
+            return fail(f"--model={args.model}: {problem}")
+    from .serving.api_server import serve
+
+    if info.is_main:
+        _log(f"serving {args.model} on mesh {args.mesh} ({info.num_processes} process(es)) at "
+             f"http://{_HOST.value}:{_PORT.value}; /health answers 503 until the warm start "
+             "is done")
+    return serve(args, config, _HOST.value, _PORT.value)
 
 
 def _run(args: EngineArgs, entries: list[Entry], digest: bytes, demo: bool,

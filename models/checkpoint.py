@@ -3,7 +3,7 @@
 Layout of a checkpoint directory:
     config.json      the Hugging Face config the params were built from
     params/          orbax StandardCheckpointer tree ({"params": ...})
-    tokenizer files  copied from the source directory when present
+    tokenizer files  copied from the source directory when present (chat template too)
 
 Restore builds an abstract tree (shape, dtype, NamedSharding per leaf) from
 the parameter table, so each device reads only its own shards.
@@ -25,8 +25,13 @@ from .loader import describe_missing_model, resolve_dtype
 from .params import param_specs, tree_from_specs
 from .sharding import TP, rules_for, spec_sharding
 
+# The chat template travels with the tokenizer: transformers 5 saves it as
+# chat_template.jinja (named extra templates under additional_chat_templates/),
+# older versions inside tokenizer_config.json or chat_template.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json")
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja",
+                   "chat_template.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)
 
 
 def save_params(ckpt_dir: str, params: dict, hf_config: dict | None = None,
@@ -44,6 +49,10 @@ def save_params(ckpt_dir: str, params: dict, hf_config: dict | None = None,
             src = os.path.join(tokenizer_dir, name)
             if os.path.exists(src):
                 shutil.copy(src, os.path.join(ckpt_dir, name))
+        for name in TOKENIZER_DIRS:
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(ckpt_dir, name), dirs_exist_ok=True)
 
 
 def is_orbax_checkpoint(path: str) -> bool:

@@ -1,10 +1,11 @@
 """A built-in tiny Llama model directory, made locally (no download, no torch).
 
 `make_tiny_model(path)` writes what a Hugging Face model directory holds:
-config.json, model.safetensors with random weights (fixed seed), and a
-byte-level BPE tokenizer trained on a small built-in corpus. The weights are
-random, so the text it generates is noise; what matters is that every real
-loading path (config, safetensors, tokenizer) is exercised.
+config.json, model.safetensors with random weights (fixed seed), a byte-level
+BPE tokenizer trained on a small built-in corpus, and a chat template
+(chat_template.jinja, ChatML-like markers written as plain text). The weights
+are random, so the text it generates is noise; what matters is that every real
+loading path (config, safetensors, tokenizer, chat template) is exercised.
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ TINY_CONFIG = dict(
     eos_token_id=2,
     torch_dtype="float32",
 )
+
+
+# `<s><|user|>\nhi</s>\n<|assistant|>\n`: the markers are plain text (the tiny
+# vocabulary has no tokens for them); each turn ends with the eos token, so a
+# generated reply stops at `</s>`.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a template
 
 
 def _train_tokenizer(vocab_size: int):
@@ -105,8 +119,20 @@ def make_tiny_model(path: str, seed: int = 0, init_std: float = 0.1, **overrides
 
     tok = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(min(V, 512)),
                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
     tok.save_pretrained(path)
+    if not os.path.exists(os.path.join(path, CHAT_TEMPLATE_FILE)):
+        _write_chat_template(path)  # transformers 4 put it in tokenizer_config.json
     return path
+
+
+def _write_chat_template(path: str) -> None:
+    """Add the chat template file to a tiny model directory, atomically: the
+    processes of a multi-process job may all do it at once."""
+    tmp = os.path.join(path, f"{CHAT_TEMPLATE_FILE}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(TINY_CHAT_TEMPLATE)
+    os.replace(tmp, os.path.join(path, CHAT_TEMPLATE_FILE))
 
 
 def cache_root() -> str:
@@ -117,7 +143,8 @@ def cache_root() -> str:
 
 
 def tiny_model_dir(cache_dir: str | None = None) -> str:
-    """The built-in tiny model's directory, created on first use."""
+    """The built-in tiny model's directory, created on first use (and given the
+    chat template if it was made before the tiny model had one)."""
     cache_dir = cache_dir or cache_root()
     path = os.path.join(cache_dir, TINY_NAME)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -133,4 +160,8 @@ def tiny_model_dir(cache_dir: str | None = None) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             if not os.path.exists(os.path.join(path, "tokenizer.json")):
                 raise
+    elif not os.path.exists(os.path.join(path, CHAT_TEMPLATE_FILE)):
+        # Made by an older version: weights and tokenizer are deterministic,
+        # so only the template is missing.
+        _write_chat_template(path)
     return path

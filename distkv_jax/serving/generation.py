@@ -1,0 +1,153 @@
+"""One engine request seen from the HTTP side: its outputs as deltas (new
+text, token ids and logprobs since the last one), with its latency metrics
+recorded as it goes. Shared by the completion and chat endpoints.
+
+Text is streamed as it is detokenized, except that while a request has stop
+strings the last (longest stop string - 1) characters are held back: they
+may be the start of a stop string, which the final text will not contain
+(vLLM does the same). So the streamed deltas always concatenate to the final
+text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Optional
+
+from ..async_llm import AsyncLLM, EngineDeadError
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .metrics import ServerMetrics
+from .protocol import APIError
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int                        # the prompt's index in a batch request
+    text: str
+    token_ids: list[int]
+    logprobs: Optional[list]          # new per-token logprob dicts (when asked for)
+    finish_reason: Optional[str]
+    stop_reason: Optional[int | str]
+    output: RequestOutput             # the latest cumulative output
+
+
+class Generation:
+    def __init__(self, llm: AsyncLLM, metrics: ServerMetrics, index: int, prompt_ids: list[int],
+                 params: SamplingParams, request_id: str, on_submit=None):
+        self.llm, self.metrics, self.index, self.on_submit = llm, metrics, index, on_submit
+        self.prompt_ids, self.params, self.request_id = prompt_ids, params, request_id
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.text, self.num_tokens, self.num_logprobs = "", 0, 0
+        self.final: RequestOutput | None = None
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The request's deltas; the last has a finish_reason. An engine
+        refusal before any output raises APIError(400)."""
+        t0 = last = time.monotonic()
+        first = True
+        gen = self.llm.generate(self.prompt_ids, self.params, self.request_id)
+        if self.on_submit is not None:
+            # generate() queues the request before its first await, so nothing
+            # runs between this and the engine counting it as waiting
+            self.on_submit()
+            self.on_submit = None
+        try:
+            async for out in gen:
+                now = time.monotonic()
+                c = out.outputs[0]
+                if c.finish_reason == "error" and self.num_tokens == 0:
+                    self.metrics.finished("error", out)
+                    raise APIError(400, out.error or "the request was refused", None)
+                new_ids = c.token_ids[self.num_tokens:]
+                if new_ids:
+                    if first:
+                        self.metrics.ttft.observe(now - t0)
+                        first = False
+                    else:
+                        for _ in new_ids:
+                            self.metrics.itl.observe((now - last) / len(new_ids))
+                    last = now
+                full = c.text
+                visible = full if out.finished or not self.holdback else \
+                    full[:max(len(self.text), len(full) - self.holdback)]
+                delta = visible[len(self.text):] if visible.startswith(self.text) else ""
+                self.text += delta
+                lps = None
+                if c.logprobs is not None:
+                    lps = c.logprobs[self.num_logprobs:]
+                    self.num_logprobs = len(c.logprobs)
+                self.num_tokens = len(c.token_ids)
+                if out.finished:
+                    self.final = out
+                    self.metrics.finished(c.finish_reason, out)
+                    self.metrics.e2e.observe(now - t0)
+                if delta or new_ids or out.finished:
+                    yield Delta(self.index, delta, list(new_ids), lps, c.finish_reason,
+                                c.stop_reason, out)
+                if out.finished:
+                    return
+        except EngineDeadError as e:
+            raise APIError(500, str(e), type="EngineDeadError") from None
+        finally:
+            await gen.aclose()  # an early exit (disconnect) aborts the request now
+
+    def release(self) -> None:
+        """A generation that never started still gives back its admission."""
+        if self.on_submit is not None:
+            self.on_submit()
+            self.on_submit = None
+
+    async def run(self) -> RequestOutput:
+        """Consume to the end; the final output."""
+        async for _ in self.deltas():
+            pass
+        assert self.final is not None
+        return self.final
+
+
+async def merged(gens: list[Generation]) -> AsyncIterator[Delta]:
+    """The deltas of several generations as they come (a batch request)."""
+    try:
+        if len(gens) == 1:
+            async for d in gens[0].deltas():
+                yield d
+        else:
+            async for d in _merge(gens):
+                yield d
+    finally:
+        for g in gens:
+            g.release()
+
+
+async def _merge(gens: list[Generation]) -> AsyncIterator[Delta]:
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(g: Generation) -> None:
+        try:
+            async for d in g.deltas():
+                await queue.put(d)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put(e)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
