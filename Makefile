@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - run the main job on the built-in tiny model
 #   make test   - run the test suite
+#   make serve  - the OpenAI-compatible server on the built-in tiny model (127.0.0.1:8000)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test clean
+.PHONY: demo serve test clean
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +23,9 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 
 demo: $(VENV)/.stamp-base
 	$(BIN)/python -m distkv_jax.launch --model tiny --mesh 2x2 --temperature 0 --max_tokens 24 --kv_blocks 64 --max_num_batched_tokens 64
+
+serve: $(VENV)/.stamp-base
+	$(BIN)/python -m distkv_jax.launch --serve --host 127.0.0.1 --port 8000 --model tiny --mesh 2x2 --kv_blocks 64 --max_num_batched_tokens 64
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -63,6 +63,7 @@ def run(num_processes: int, launch_args: list[str], port: int | None = None,
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  env=dict(os.environ))
             procs.append(p)
+            _PROCS.append(p)
             for stream, sink in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
                 t = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", sink), daemon=True)
                 t.start()
@@ -103,8 +104,22 @@ def main() -> int:
     args = ap.parse_args(ours)
     if args.num_processes < 1:
         ap.error("--num_processes must be >= 1")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run's finally reaps the children
+    if "--serve" in launch_args or "--serve=true" in launch_args:
+        # A server drains on SIGTERM: only process 0 hears it; the others
+        # follow its shutdown (see distkv_jax/serving/api_server.py).
+        signal.signal(signal.SIGTERM, lambda *_: _signal_leader(signal.SIGTERM))
+        signal.signal(signal.SIGINT, lambda *_: _signal_leader(signal.SIGINT))
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run's finally reaps the children
     return run(args.num_processes, launch_args, args.port, args.timeout)
+
+
+_PROCS: list = []
+
+
+def _signal_leader(sig: int) -> None:
+    if _PROCS and _PROCS[0].poll() is None:
+        _PROCS[0].send_signal(sig)
 
 
 if __name__ == "__main__":

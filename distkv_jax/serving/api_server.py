@@ -278,6 +278,42 @@ class _Runner:
         self.server.should_exit = True
 
 
+class ServerThread:
+    """The HTTP server on a background thread around an AsyncLLM that
+    already runs (tests, notebooks). Signals are left to the caller."""
+
+    def __init__(self, llm, config: ServerConfig, host: str = "127.0.0.1", port: int = 0):
+        import threading
+
+        self.llm, self.config, self.host = llm, config, host
+        self._port, self._ready = port, threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()),
+                                        name="distkv-http", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the HTTP server did not start")
+
+    async def _main(self) -> None:
+        self.state = ServerState(self.config)
+        self.state.llm = self.llm
+        self.server = _uvicorn_server(build_app(self.state), self.host, self._port)
+        task = asyncio.ensure_future(self.server.serve())
+        while not self.server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if self.server.started:
+            self._port = self.server.servers[0].sockets[0].getsockname()[1]
+        self._ready.set()
+        await task
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self._port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+
 def serve(engine_args, config: ServerConfig, host: str, port: int) -> int:
     """Run the server (process 0) until SIGTERM; returns the exit status."""
     import jax
@@ -285,6 +321,13 @@ def serve(engine_args, config: ServerConfig, host: str, port: int) -> int:
     if jax.process_index() != 0:
         from ..async_llm import AsyncLLM
 
+        # A follower stops when process 0 does (it broadcasts the shutdown);
+        # dying on a signal of its own would leave process 0's collectives
+        # waiting for it, so signals are left to process 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, f: print(
+                f"[distkv] process {jax.process_index()}: {signal.Signals(s).name} ignored; "
+                "it exits when process 0 shuts down", file=sys.stderr, flush=True))
         llm = AsyncLLM.from_engine_args(engine_args)
         llm.wait()  # until process 0 shuts down
         return 0

@@ -60,6 +60,7 @@ class Generation:
                 now = time.monotonic()
                 c = out.outputs[0]
                 if c.finish_reason == "error" and self.num_tokens == 0:
+                    self.final = out
                     self.metrics.finished("error", out)
                     raise APIError(400, out.error or "the request was refused", None)
                 new_ids = c.token_ids[self.num_tokens:]
@@ -94,6 +95,8 @@ class Generation:
             raise APIError(500, str(e), type="EngineDeadError") from None
         finally:
             await gen.aclose()  # an early exit (disconnect) aborts the request now
+            if self.final is None:  # cancelled (the client went away): aborted
+                self.metrics.finished("abort", None)
 
     def release(self) -> None:
         """A generation that never started still gives back its admission."""

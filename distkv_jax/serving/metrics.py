@@ -119,6 +119,8 @@ class ServerMetrics:
 
     def finished(self, reason: str | None, out) -> None:
         self._success.labels(self.model_name, reason or "unknown").inc()
+        if out is None:
+            return
         m = out.metrics
         if m.first_scheduled_time is not None and m.arrival_time is not None:
             self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
