@@ -164,6 +164,16 @@ def test_streamed_deltas_concatenate_to_the_non_streamed_text(client):
         whole.usage.completion_tokens
 
 
+def test_continuous_usage_stats_count_tokens_so_far(server):
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert counts == sorted(counts) and counts[-1] == 5
+    assert all(e["usage"]["prompt_tokens"] == 3 for e in events)
+
+
 def test_chat_prompt_is_the_chat_template_and_streams(client, hf):
     model, tok = hf
     messages = [{"role": "system", "content": "You are terse."},

@@ -86,9 +86,12 @@ async def _stream(req: ChatCompletionRequest, gen: Generation, head: dict, lp_pa
     yield sse(dict(head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}], **extra))
     tokens = 0
+    every = include_usage and req.stream_options.usage_every_chunk()
     async for d in merged([gen]):
         tokens += len(d.token_ids)
         delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+        if every:
+            extra = {"usage": usage(len(gen.prompt_ids), tokens)}
         yield sse(dict(head, choices=[{"index": 0, "delta": delta, "logprobs": lp_part(d),
                                        "finish_reason": d.finish_reason,
                                        "stop_reason": d.stop_reason}], **extra))

@@ -123,8 +123,12 @@ async def _stream(req: CompletionRequest, gens, head, echo_part, delta_logprobs
         completion_tokens += len(d.token_ids)
         choice = {"index": d.index, "text": text, "logprobs": lp,
                   "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}
-        yield sse(dict(head, choices=[choice], usage=None) if include_usage
-                  else dict(head, choices=[choice]))
+        if not include_usage:
+            yield sse(dict(head, choices=[choice]))
+        else:
+            so_far = usage(sum(len(g.prompt_ids) for g in gens), completion_tokens) \
+                if req.stream_options.usage_every_chunk() else None
+            yield sse(dict(head, choices=[choice], usage=so_far))
     if include_usage:
         yield sse(dict(head, choices=[], usage=usage(sum(len(g.prompt_ids) for g in gens),
                                                     completion_tokens)))

@@ -56,7 +56,10 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = False   # vLLM's: usage so far in every chunk
+
+    def usage_every_chunk(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 class _SamplingFields(_Strict):
@@ -160,7 +163,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    add_generation_prompt: bool = True
 
     def unsupported(self) -> None:
         super().unsupported()
