@@ -579,6 +579,8 @@ def main(argv) -> None:
             if not w.ok:
                 raise RuntimeError(f"the warm-up request failed ({w.status}): {w.error}; "
                                    f"{log_path} ends with:\n{server.log_tail()}")
+            print(f"[{policy}] first request: TTFT {w.ttft * 1e3:.0f} ms, end to end {w.e2e * 1e3:.0f} ms",
+                  flush=True)
             results = []
             for rate in rates:
                 outs, duration = asyncio.run(run_rate(server.url, model, reqs, rate, FLAGS.request_timeout_s))
@@ -591,7 +593,11 @@ def main(argv) -> None:
                   f"{' (killed after SIGTERM timed out)' if server.killed else ''}", file=sys.stderr)
         runs.append({"policy": policy, "server_command": server.cmd, "server_log": log_path,
                      "server_startup_s": server.startup_s, "server_exit_code": server.exit_code,
-                     "server_killed": server.killed, "served_model": model, "results": results})
+                     "server_killed": server.killed, "served_model": model,
+                     # a user meets the first request too: after the server's
+                     # start-up (its warm start), 16 prompt + 4 output tokens
+                     "first_request_ms": {"ttft": w.ttft * 1e3, "e2e": w.e2e * 1e3},
+                     "results": results})
 
     l_lo, l_hi = workload.long_prompt_range()
     result = {
