@@ -1,7 +1,8 @@
 """Dispatch ``python -m distkv_jax.bench <subcommand> [--flags]``.
 
 To add a subcommand, add ``name: "module.path"`` to SUBCOMMANDS; the module
-defines its absl flags at import time and ``main(argv)``.
+defines its absl flags at import time (or in ``define_flags()``, called before
+parsing) and ``main(argv)``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     name = argv[1]
     module = importlib.import_module(SUBCOMMANDS[name])
+    if hasattr(module, "define_flags"):
+        module.define_flags()
     from absl import app
 
     app.run(module.main, argv=[f"{argv[0]} {name}"] + argv[2:])

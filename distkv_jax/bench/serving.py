@@ -79,46 +79,52 @@ from absl import flags
 from distkv_jax.bench.common import cpu_model, pyplot, save_figure, write_json
 
 FLAGS = flags.FLAGS
-# server
-flags.DEFINE_string("model", "tiny", "--model of the server")
-flags.DEFINE_string("mesh", "2x2", "--mesh of the server (instances x tensor-parallel)")
-flags.DEFINE_integer("kv_blocks", 64, "device KV blocks per instance")
-flags.DEFINE_integer("block_size", 16, "tokens per KV block")
-flags.DEFINE_integer("max_num_seqs", 16, "running requests per instance")
-flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per instance per step")
-flags.DEFINE_bool("warm_start", True, "the server compiles its programs before it is ready")
-flags.DEFINE_integer("server_seed", 0, "--seed of the server")
-flags.DEFINE_multi_string("server_arg", [], "another server flag, e.g. --server_arg=--host_kv_blocks=8 "
-                          "(repeatable; the long requests' sizes assume the default lend_fraction)")
-flags.DEFINE_list("policies", ["distributed", "local"], "kv_policy values, one server each")
-flags.DEFINE_float("startup_timeout_s", 900.0, "most seconds to wait for /health (a warm start "
-                   "compiles every program; minutes on a small CPU)")
-flags.DEFINE_float("request_timeout_s", 600.0, "a request fails after this many seconds without "
-                   "a byte from the server")
-flags.DEFINE_float("shutdown_timeout_s", 120.0, "seconds from SIGTERM to the server's exit "
-                   "before it is killed")
-flags.DEFINE_string("server_module", "distkv_jax.launch", "python -m module of the server")
-flags.DEFINE_string("server_log_dir", "", "server logs (default: the directory of --output_json)")
-# workload
-flags.DEFINE_list("rates", ["2", "4", "8", "16", "inf"],
-                  "request rates (requests per second; inf: all at once)")
-flags.DEFINE_integer("num_short", 100, "short (ShareGPT-like) requests")
-flags.DEFINE_integer("num_long", 4, "long requests (prompt longer than one instance's KV)")
-flags.DEFINE_float("short_scale", 0.25, "multiplier on ShareGPT's mean lengths")
-flags.DEFINE_float("short_sigma", 0.8, "log-space sigma of the short length log-normals")
-flags.DEFINE_integer("short_min", 4, "shortest short prompt / output")
-flags.DEFINE_integer("short_max", 256, "longest short prompt / output")
-flags.DEFINE_float("long_factor", 1.5, "median long prompt, in units of one instance's KV capacity")
-flags.DEFINE_integer("long_output", 16, "new tokens of each long request")
-flags.DEFINE_integer("seed", 0, "workload seed")
-# objectives and output
-# the tiny model on a 2-core CPU, unloaded: TTFT ~20 ms, TPOT ~3 ms; the objectives
-# leave ~10x of that for queueing and batching
-flags.DEFINE_float("ttft_slo_ms", 500.0, "goodput: most TTFT of a good request (ms)")
-flags.DEFINE_float("tpot_slo_ms", 25.0, "goodput: most TPOT of a good request (ms)")
-flags.DEFINE_bool("quick", False, "tiny sizes, no warm start (for the test suite)")
-flags.DEFINE_string("output_json", "bench_results/serving.json", "result file")
-flags.DEFINE_string("output_png", "bench_results/serving.png", "plot ('' to skip)")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined when the benchmark runs (not on
+    import: their names, e.g. --model, are also the launcher's, and tests
+    import both into one process)."""
+    # server
+    flags.DEFINE_string("model", "tiny", "--model of the server")
+    flags.DEFINE_string("mesh", "2x2", "--mesh of the server (instances x tensor-parallel)")
+    flags.DEFINE_integer("kv_blocks", 64, "device KV blocks per instance")
+    flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+    flags.DEFINE_integer("max_num_seqs", 16, "running requests per instance")
+    flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per instance per step")
+    flags.DEFINE_bool("warm_start", True, "the server compiles its programs before it is ready")
+    flags.DEFINE_integer("server_seed", 0, "--seed of the server")
+    flags.DEFINE_multi_string("server_arg", [], "another server flag, e.g. --server_arg=--host_kv_blocks=8 "
+                              "(repeatable; the long requests' sizes assume the default lend_fraction)")
+    flags.DEFINE_list("policies", ["distributed", "local"], "kv_policy values, one server each")
+    flags.DEFINE_float("startup_timeout_s", 900.0, "most seconds to wait for /health (a warm start "
+                       "compiles every program; minutes on a small CPU)")
+    flags.DEFINE_float("request_timeout_s", 600.0, "a request fails after this many seconds without "
+                       "a byte from the server")
+    flags.DEFINE_float("shutdown_timeout_s", 120.0, "seconds from SIGTERM to the server's exit "
+                       "before it is killed")
+    flags.DEFINE_string("server_module", "distkv_jax.launch", "python -m module of the server")
+    flags.DEFINE_string("server_log_dir", "", "server logs (default: the directory of --output_json)")
+    # workload
+    flags.DEFINE_list("rates", ["2", "4", "8", "16", "inf"],
+                      "request rates (requests per second; inf: all at once)")
+    flags.DEFINE_integer("num_short", 100, "short (ShareGPT-like) requests")
+    flags.DEFINE_integer("num_long", 4, "long requests (prompt longer than one instance's KV)")
+    flags.DEFINE_float("short_scale", 0.25, "multiplier on ShareGPT's mean lengths")
+    flags.DEFINE_float("short_sigma", 0.8, "log-space sigma of the short length log-normals")
+    flags.DEFINE_integer("short_min", 4, "shortest short prompt / output")
+    flags.DEFINE_integer("short_max", 256, "longest short prompt / output")
+    flags.DEFINE_float("long_factor", 1.5, "median long prompt, in units of one instance's KV capacity")
+    flags.DEFINE_integer("long_output", 16, "new tokens of each long request")
+    flags.DEFINE_integer("seed", 0, "workload seed")
+    # objectives and output
+    # the tiny model on a 2-core CPU, unloaded: TTFT ~20 ms, TPOT ~3 ms; the objectives
+    # leave ~10x of that for queueing and batching
+    flags.DEFINE_float("ttft_slo_ms", 500.0, "goodput: most TTFT of a good request (ms)")
+    flags.DEFINE_float("tpot_slo_ms", 25.0, "goodput: most TPOT of a good request (ms)")
+    flags.DEFINE_bool("quick", False, "tiny sizes, no warm start (for the test suite)")
+    flags.DEFINE_string("output_json", "bench_results/serving.json", "result file")
+    flags.DEFINE_string("output_png", "bench_results/serving.png", "plot ('' to skip)")
 
 SHAREGPT_MEAN_IN, SHAREGPT_MEAN_OUT = 161, 338
 TOKEN_LO, TOKEN_HI = 3, 501  # prompt token ids drawn from [TOKEN_LO, TOKEN_HI)
