@@ -879,6 +879,29 @@ def main(argv) -> int:
         signals.restore()
 
 
+def _join_job(args: EngineArgs):
+    """(runtime info, None), or (info or None, why the job cannot start):
+    join the (multi-process) job, then check the attention implementation
+    against the platform and that the model directory is there."""
+    from . import runtime
+
+    try:
+        info = runtime.setup(args.mesh_shape.size, _COORD.value, _NUM_PROC.value, _PROC_ID.value,
+                             log=lambda m: _log(m.removeprefix("[distkv] ")))
+    except ValueError as e:
+        return None, str(e)
+    problem = attention_impl_problem(args.attention_impl, info.platform)
+    if problem:
+        return info, problem
+    if args.model != "tiny":
+        from .models.loader import describe_missing_model
+
+        problem = describe_missing_model(args.model)
+        if problem:
+            return info, f"--model={args.model}: {problem}"
+    return info, None
+
+
 def _serve(args: EngineArgs) -> int:
     """--serve: check the server's flags, join the job, run the server."""
     from .chat_template import load_chat_template
@@ -904,22 +927,9 @@ def _serve(args: EngineArgs) -> int:
         api_key=_API_KEY.value or os.environ.get("DISTKV_API_KEY") or None,
         max_request_bytes=_MAX_BYTES.value, max_queued_requests=_MAX_QUEUED.value,
         shutdown_timeout=_SHUTDOWN_TIMEOUT.value, chat_template=template)
-    from . import runtime
-
-    try:
-        info = runtime.setup(args.mesh_shape.size, _COORD.value, _NUM_PROC.value, _PROC_ID.value,
-                             log=lambda m: _log(m.removeprefix("[distkv] ")))
-    except ValueError as e:
-        return fail(str(e))
-    problem = attention_impl_problem(args.attention_impl, info.platform)
+    info, problem = _join_job(args)
     if problem:
         return fail(problem)
-    if args.model != "tiny":
-        from .models.loader import describe_missing_model
-
-        problem = describe_missing_model(args.model)
-        if problem:
-            return fail(f"--model={args.model}: {problem}")
     from .serving.api_server import serve
 
     if info.is_main:
@@ -931,24 +941,12 @@ def _serve(args: EngineArgs) -> int:
 
 def _run(args: EngineArgs, entries: list[Entry], digest: bytes, demo: bool,
          signals: Signals) -> int:
-    from . import runtime
-
     shape = args.mesh_shape
-    try:
-        info = runtime.setup(shape.size, _COORD.value, _NUM_PROC.value, _PROC_ID.value,
-                             log=lambda m: _log(m.removeprefix("[distkv] ")))
-    except ValueError as e:
-        return fail(str(e))
-    signals.install()  # after jax.distributed.initialize, which takes SIGTERM
-    problem = attention_impl_problem(args.attention_impl, info.platform)
+    info, problem = _join_job(args)
+    if info is not None:
+        signals.install()  # after jax.distributed.initialize, which takes SIGTERM
     if problem:
         return fail(problem)
-    if args.model != "tiny":
-        from .models.loader import describe_missing_model
-
-        problem = describe_missing_model(args.model)
-        if problem:
-            return fail(f"--model={args.model}: {problem}")
     import numpy as np
 
     if info.num_processes > 1:
