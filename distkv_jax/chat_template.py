@@ -61,7 +61,7 @@ def _content_text(content: Any, where: str) -> str:
 
 def validate_messages(messages: Any) -> list[dict]:
     """OpenAI chat `messages` -> plain `{"role", "content": str[, "name"]}` dicts
-    for the template; other keys are dropped (tool calls are not supported)."""
+    for the template; other keys must be null (tool calls are not supported)."""
     if not isinstance(messages, list):
         raise ValueError(f"messages: must be a list of messages, got {type(messages).__name__}")
     if not messages:
@@ -83,6 +83,11 @@ def validate_messages(messages: Any) -> list[dict]:
                     raise ValueError(f"{where}.{key}: must be a string, "
                                      f"got {type(msg[key]).__name__}")
                 clean[key] = msg[key]
+        for key in sorted(set(msg) - {"role", "content", "name", "tool_call_id"}):
+            # clients echo back null fields (refusal, tool_calls); a set one
+            # would change the conversation, so it is refused, not dropped
+            if msg[key] is not None:
+                raise ValueError(f"{where}.{key}: not supported by this server")
         out.append(clean)
     return out
 

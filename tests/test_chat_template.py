@@ -123,6 +123,8 @@ def test_validate_messages_normalizes():
                                    {"type": "image_url", "image_url": {"url": "x"}}]}],
      r"^messages\[0\]\.content\[1\]\.type='image_url': unsupported"),
     ([{"role": "user", "content": ["a"]}], r"^messages\[0\]\.content\[0\]: must be an object"),
+    ([{"role": "assistant", "content": "a", "tool_calls": [{"id": "c"}]}],
+     r"^messages\[0\]\.tool_calls: not supported"),
     ([{"role": "user", "content": [{"type": "text"}]}],
      r"^messages\[0\]\.content\[0\]\.text: must be a string"),
     ([{"role": "user", "content": "a", "name": 3}], r"^messages\[0\]\.name: must be a string"),
