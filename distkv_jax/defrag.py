@@ -13,6 +13,11 @@ Return-home migration: a request holding borrowed blocks whose home instance
 has free blocks again gets them copied into fresh home blocks; the borrowed
 blocks are freed (one move per block).
 
+Shared blocks (prefix-cache hits and forks, read by several requests) are
+never moved: they are charged to no debtor, so no debt asks for it, and the
+planners skip them. A private block that is registered in the prefix cache
+moves with its hash.
+
 Both planners mutate the managers and the block table as they plan, and
 return the (src, dst) device block moves that the engine must execute.
 Neither ever increases the number of remote blocks.
@@ -72,18 +77,19 @@ def shortest_cycle(ledger: np.ndarray) -> list[int] | None:
 
 
 def _pick_block(
+    gm: GlobalManager,
     table: BlockTable, running: Running, debtor: int, creditor: int
 ) -> tuple[RequestId, int, int]:
     """The first (oldest request, lowest logical) block of debtor's on creditor."""
     bpi = table.blocks_per_instance
+    mgr = gm.managers[creditor]
     for rid, home in running:
         if home != debtor:
             continue
         ids = table.blocks(rid)
-        hit = np.flatnonzero(ids // bpi == creditor)
-        if hit.size:
-            k = int(hit[0])
-            return rid, k, int(ids[k])
+        for k in np.flatnonzero(ids // bpi == creditor).tolist():
+            if mgr.is_private(int(ids[k])):  # shared blocks stay in place
+                return rid, k, int(ids[k])
     raise RuntimeError(f"ledger says {debtor} owes {creditor} but no block found")
 
 
@@ -105,13 +111,17 @@ def cancel_cycles(
         k = len(cyc)
         if moves and len(moves) + k > budget:
             break
-        picks = [_pick_block(table, running, cyc[j], cyc[(j + 1) % k]) for j in range(k)]
+        picks = [_pick_block(gm, table, running, cyc[j], cyc[(j + 1) % k]) for j in range(k)]
         # r_j := picks[j][0] holds b_{j+1} = picks[j][2]; it takes b_j = picks[j-1][2].
+        # A registered prefix hash follows its KV to the new block.
+        hashes = [gm.manager_of(p[2]).unregister(p[2]) for p in picks]
         for j in range(k):
             rid, logical, old = picks[j]
             new = picks[j - 1][2]
             gm.rehold(new, old_home=cyc[j - 1], new_home=cyc[j])
             table.set(rid, logical, new)
+            if hashes[j] is not None:
+                gm.manager_of(new).register(new, hashes[j])
             moves.append((old, new))
         if len(moves) >= budget:
             break
@@ -134,16 +144,23 @@ def return_home(
         if len(moves) >= budget:
             break
         mgr = gm.managers[home]
-        if mgr.num_free <= reserve or gm.ledger[home].sum() == 0:
+        # only free-list blocks: evicting cached prefixes to move KV home
+        # would trade a sure loss for a small gain in locality
+        if mgr.num_unused <= reserve or gm.ledger[home].sum() == 0:
             continue
         ids = table.blocks(rid)
         remote = np.flatnonzero(ids // bpi != home)
         for k in remote.tolist():
-            if len(moves) >= budget or mgr.num_free <= reserve:
+            if len(moves) >= budget or mgr.num_unused <= reserve:
                 break
             old = int(ids[k])
+            if not gm.manager_of(old).is_private(old):  # shared blocks stay in place
+                continue
             (new,) = mgr.allocate_local(1)
             table.set(rid, k, new)
+            h = gm.manager_of(old).unregister(old)
             gm.free(home, [old])
+            if h is not None:
+                mgr.register(new, h)
             moves.append((old, new))
     return moves

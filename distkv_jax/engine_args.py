@@ -44,6 +44,9 @@ class EngineArgs:
     lend_fraction: float = _field(0.9, "share of an instance's KV blocks it may lend at once")
     migrate_tokens_per_step: int = _field(16, "KV migrated toward its home per step, in tokens "
                                           "(rounded up to whole blocks; 0: no migration)")
+    enable_prefix_caching: bool = _field(True, "reuse the KV of cached prompt prefixes (full "
+                                         "blocks, hashed), held on any instance under "
+                                         "kv_policy=distributed, on the request's own under local")
     kv_memory_fraction: float = _field(0.9, "share of free accelerator memory used for KV when "
                                        "kv_blocks is not given")
     max_num_seqs: int = _field(64, "running sequences per instance")
@@ -107,11 +110,13 @@ class EngineArgs:
     def mesh_shape(self) -> MeshShape:
         return MeshShape.parse(self.mesh)
 
-    def kv_cache_config(self, blocks_per_instance: int) -> KVCacheConfig:
+    def kv_cache_config(self, blocks_per_instance: int, cache_salt: str = "") -> KVCacheConfig:
         return KVCacheConfig(self.mesh_shape.inst, blocks_per_instance, block_size=self.block_size,
                              host_blocks_per_instance=self.host_kv_blocks,
                              kv_policy=self.kv_policy, lend_fraction=self.lend_fraction,
-                             migrate_tokens_per_step=self.migrate_tokens_per_step)
+                             migrate_tokens_per_step=self.migrate_tokens_per_step,
+                             enable_prefix_caching=self.enable_prefix_caching,
+                             cache_salt=cache_salt)
 
     def resolved_compile_cache_dir(self) -> str | None:
         d = self.compile_cache_dir

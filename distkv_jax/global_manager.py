@@ -6,6 +6,9 @@ local first; the rest is borrowed from the creditor with the most lendable
 blocks, ties to the lowest instance id, repeatedly, until served. Allocation
 is all-or-nothing: if the blocks cannot all be found nothing is taken.
 
+Shared blocks (prefix-cache hits, forks) are charged to no debtor: see
+``BlockManager``. The ledger counts private blocks only.
+
 Fairness between competing debtors is the caller's order: the facade serves
 requests in arrival order (oldest first), never in dict or set order.
 """
@@ -71,17 +74,31 @@ class GlobalManager:
         return out
 
     def free(self, debtor: int, global_ids: Sequence[int]) -> None:
-        """Return blocks held by a request homed on ``debtor``."""
+        """A request homed on ``debtor`` lets go of blocks (its own, borrowed
+        or shared ones). A shared block is freed by its last reader only."""
         if len(global_ids) == 0:
             return
-        ids = np.asarray(global_ids, dtype=np.int64)
-        owners = ids // self.config.blocks_per_instance
-        for c in np.unique(owners):  # ascending: deterministic
-            c = int(c)
-            mine = ids[owners == c]
-            self.managers[c].free(mine.tolist())
-            if c != debtor:
-                self.ledger[debtor, c] -= mine.shape[0]
+        bpi = self.config.blocks_per_instance
+        for g in global_ids:  # in the caller's order: the cache's LRU order follows it
+            c = int(g) // bpi
+            h = self.managers[c].release(g)
+            if h >= 0:
+                if h != debtor:
+                    raise RuntimeError(f"block {g} is private to {h}, freed by {debtor}")
+                if c != debtor:
+                    self.ledger[debtor, c] -= 1
+
+    def share(self, global_id: int) -> None:
+        """One more request reads a block (cache hit or fork). A private block
+        becomes shared: its debt, if any, is cancelled (the ledger's rule for
+        shared blocks: they are the mesh-wide cache's, charged to no one)."""
+        c = int(global_id) // self.config.blocks_per_instance
+        h = self.managers[c].share(global_id)
+        if h >= 0 and h != c:
+            self.ledger[h, c] -= 1
+
+    def manager_of(self, global_id: int) -> BlockManager:
+        return self.managers[int(global_id) // self.config.blocks_per_instance]
 
     def rehold(self, global_id: int, old_home: int, new_home: int) -> None:
         """A block passes from a request of ``old_home`` to one of ``new_home``."""

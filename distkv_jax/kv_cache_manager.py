@@ -13,14 +13,29 @@ block table, and turns scheduler events into plans for the device:
     plan_migration(max_blocks=None) -> CopyPlan  # both, within the per-step budget
     prepare_step(demands) -> StepKVPlan      # all of the above for one engine step
 
+Prefix cache and forks (blocks shared by several readers):
+
+    reuse_prefix(rid, tokens) -> int         # longest cached prefix, in whole blocks
+    register(rid, tokens)                    # the request's computed full blocks join the cache
+    fork(child, parent, num_tokens) -> bool  # share the parent's blocks, copy its partial one
+
+The ledger's rule for shared blocks: a block read by one request is private
+to it and charged to its home (lent when it lives elsewhere); a block read
+through the cache or a fork is shared: it belongs to the mesh-wide cache and
+is charged to no debtor. Shared blocks are never migrated, rotated or evicted
+while read; a request taken off the device (swap or recompute) lets go of its
+references, so the other readers keep their blocks, and a swapped request
+comes back to private copies.
+
 Requests are ordered by arrival (``admit`` order); every loop over requests
 follows that order, so all decisions are deterministic. Preemption victims are
 the newest running requests; growth is served oldest first.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -56,6 +71,8 @@ class _Allocation:
     state: str = RUNNING
     num_tokens: int = 0
     host_blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its stream's full blocks
+    num_registered: int = 0      # table blocks already offered to the prefix cache
 
 
 class KVCacheManager:
@@ -68,6 +85,15 @@ class KVCacheManager:
         )
         self._reqs: dict[RequestId, _Allocation] = {}
         self._next_seq = 0
+        self._root = hashlib.blake2b(b"distkv-prefix:" + config.cache_salt.encode(),
+                                     digest_size=16).digest()
+        self._forks: list[tuple[int, int]] = []  # partial-block copies of this step's forks
+        I = config.num_instances
+        # prefix cache counters per home instance, in tokens: queried, hit on
+        # the home instance's blocks, hit on other instances' blocks
+        self.prefix_queries = np.zeros(I, np.int64)
+        self.prefix_hits_local = np.zeros(I, np.int64)
+        self.prefix_hits_remote = np.zeros(I, np.int64)
 
     # ------------------------------------------------------------------ queries
     def requests(self) -> list[RequestId]:
@@ -128,6 +154,8 @@ class KVCacheManager:
             "ledger": self.gm.ledger.tolist(),
             "free": [m.free_blocks().tolist() for m in self.gm.managers],
             "host_free": [p.free_blocks().tolist() for p in self.host.pools],
+            "cached": [sorted((h.hex(), p) for h, p in m.cached.items()) for m in self.gm.managers],
+            "evictable": [m.evictable_blocks() for m in self.gm.managers],
         }
 
     # --------------------------------------------------------------- lifecycle
@@ -149,8 +177,134 @@ class KVCacheManager:
     def finish(self, rid: RequestId) -> None:
         r = self._reqs.pop(rid)
         ids = self.table.remove(rid)
-        self.gm.free(r.home, ids.tolist())
+        # last block first: a released prefix is evicted from its tail
+        self.gm.free(r.home, ids[::-1].tolist())
+        if self._forks:  # admitted and dropped in the same planning: no copy into a freed block
+            mine = set(ids.tolist())
+            self._forks = [(a, b) for a, b in self._forks if b not in mine]
         self.host.free(r.host_blocks)
+
+    # ------------------------------------------------------------ prefix cache
+    def _chain(self, r: _Allocation, tokens: Sequence[int], k: int) -> list[bytes]:
+        """The first ``k`` full-block hashes of r's token stream: each block's
+        hash is chained over its parent's hash and its token ids (the salt
+        is in the root). Streams only grow, so they are computed once."""
+        bs = self.config.block_size
+        hs = r.hashes
+        while len(hs) < k:
+            j = len(hs)
+            block = np.asarray(tokens[j * bs:(j + 1) * bs], dtype=np.int64)
+            parent = hs[-1] if hs else self._root
+            hs.append(hashlib.blake2b(parent + block.tobytes(), digest_size=16).digest())
+        return hs[:k]
+
+    def _scope(self, home: int) -> list[int]:
+        """Instances whose cached blocks a request homed on ``home`` may read:
+        its own first, then (distributed) every other, ascending."""
+        if self.config.kv_policy == "local":
+            return [home]
+        return [home] + [i for i in range(self.config.num_instances) if i != home]
+
+    def _find(self, h: bytes, scope: list[int]) -> int | None:
+        for c in scope:
+            g = self.gm.managers[c].lookup(h)
+            if g is not None:
+                return g
+        return None
+
+    def reuse_prefix(self, rid: RequestId, tokens: Sequence[int]) -> int:
+        """Start a request with no KV yet (just admitted, or preempted for
+        recompute) on the longest cached prefix of ``tokens``: whole blocks,
+        and never the last token (its logits are needed, so it is always
+        computed). The blocks are shared in place, wherever they live.
+        Returns the cached tokens (0 when caching is off)."""
+        r = self._reqs[rid]
+        if r.state != RUNNING or r.num_tokens or self.table.num_blocks(rid):
+            raise ValueError(f"reuse_prefix of {rid!r}: it already has KV")
+        if not self.config.enable_prefix_caching or len(tokens) < 2:
+            return 0
+        self.prefix_queries[r.home] += len(tokens)
+        bs, bpi = self.config.block_size, self.config.blocks_per_instance
+        scope = self._scope(r.home)
+        hits: list[int] = []
+        for h in self._chain(r, tokens, (len(tokens) - 1) // bs):
+            g = self._find(h, scope)
+            if g is None:
+                break
+            hits.append(g)
+        for g in hits:
+            self.gm.share(g)
+        self.table.append(rid, hits)
+        r.num_tokens = len(hits) * bs
+        r.num_registered = len(hits)
+        local = sum(1 for g in hits if g // bpi == r.home)
+        self.prefix_hits_local[r.home] += local * bs
+        self.prefix_hits_remote[r.home] += (len(hits) - local) * bs
+        return r.num_tokens
+
+    def register(self, rid: RequestId, tokens: Sequence[int]) -> int:
+        """Offer a running request's full blocks whose KV is written (its
+        first min(num_tokens, len(tokens)) tokens: call after the step that
+        writes them is dispatched) to the prefix cache. A block whose hash is
+        cached already, in the request's scope, stays private (no duplicate
+        entries). Returns how many blocks were registered."""
+        if not self.config.enable_prefix_caching:
+            return 0
+        r = self._reqs[rid]
+        if r.state != RUNNING:
+            return 0
+        full = min(r.num_tokens, len(tokens)) // self.config.block_size
+        if full <= r.num_registered:
+            return 0
+        hs = self._chain(r, tokens, full)
+        ids = self.table.blocks(rid)
+        scope = self._scope(r.home)
+        added = 0
+        for j in range(r.num_registered, full):
+            g = int(ids[j])
+            m = self.gm.manager_of(g)
+            if m.hash_of_block(g) is not None or self._find(hs[j], scope) is not None:
+                continue
+            m.register(g, hs[j])
+            added += 1
+        r.num_registered = full
+        return added
+
+    def fork(self, child: RequestId, parent: RequestId, num_tokens: int) -> bool:
+        """Start ``child`` (running, no KV yet) on the first ``num_tokens``
+        tokens of ``parent``'s KV: the full blocks are shared, the partial
+        last one is copied (copy on write: each sequence writes its own
+        tokens after the fork). The copy runs first in the next step's KV
+        plan (``StepKVPlan.forks``). False, with nothing changed, when the
+        copy finds no free block, or under ``local`` when the two requests
+        live on different instances."""
+        c, p = self._reqs[child], self._reqs[parent]
+        if c.state != RUNNING or c.num_tokens or self.table.num_blocks(child):
+            raise ValueError(f"fork into {child!r}: it already has KV")
+        if p.state != RUNNING or num_tokens > p.num_tokens:
+            raise ValueError(f"fork from {parent!r}: its first {num_tokens} tokens are not on device")
+        if self.config.kv_policy == "local" and c.home != p.home:
+            return False
+        bs = self.config.block_size
+        full, part = divmod(num_tokens, bs)
+        pids = self.table.blocks(parent)
+        copy = []
+        if part:
+            got = self.gm.allocate(c.home, 1)
+            if got is None:
+                return False
+            copy = [(int(pids[full]), got[0])]
+        for g in pids[:full].tolist():
+            self.gm.share(g)
+        self.table.append(child, pids[:full].tolist() + [d for _, d in copy])
+        self._forks.extend(copy)
+        c.num_tokens = num_tokens
+        c.num_registered = full  # the parent's blocks: registered by the parent
+        return True
+
+    def num_cached_blocks(self) -> np.ndarray:
+        """Evictable prefix-cache blocks per instance (no reader)."""
+        return np.asarray([m.num_evictable for m in self.gm.managers], np.int64)
 
     # ------------------------------------------------------------------ growth
     def grow(self, rid: RequestId, n: int) -> GrowResult:
@@ -186,22 +340,31 @@ class KVCacheManager:
 
     def _gain(self, victim: _Allocation, home: int) -> int:
         """How many more blocks a request homed on ``home`` could get if
-        ``victim`` gave back its device blocks."""
+        ``victim`` let go of its device blocks (a block other requests still
+        read stays taken)."""
         ids = self.table.blocks(victim.rid)
         if ids.shape[0] == 0:
             return 0
-        counts = np.bincount(ids // self.config.blocks_per_instance,
-                             minlength=self.config.num_instances)
-        gain = int(counts[home])
+        I, bpi = self.config.num_instances, self.config.blocks_per_instance
+        freed = np.zeros(I, np.int64)      # blocks that would become free or evictable
+        unlent = np.zeros(I, np.int64)     # ... of which lent to the victim
+        for g in ids.tolist():
+            c = g // bpi
+            m = self.gm.managers[c]
+            p = g - m.base
+            if m.refs[p] == 1:
+                freed[c] += 1
+                if int(m.holder[p]) >= 0 and c != victim.home:
+                    unlent[c] += 1
+        gain = int(freed[home])
         if self.config.kv_policy == "local":
             return gain
-        for c in np.flatnonzero(counts).tolist():
+        for c in np.flatnonzero(freed).tolist():
             if c == home:
                 continue
             m = self.gm.managers[c]
-            free = m.num_free + int(counts[c])
-            lent = m.lent - (int(counts[c]) if victim.home != c else 0)
-            gain += max(0, min(free, m.lend_cap - lent)) - m.lendable
+            gain += max(0, min(m.num_free + int(freed[c]), m.lend_cap - (m.lent - int(unlent[c])))) \
+                - m.lendable
         return gain
 
     def _pick_victim(self, r: _Allocation) -> _Allocation | None:
@@ -226,7 +389,8 @@ class KVCacheManager:
             return Preemption(r.rid, "recompute")
         host = self.host.allocate_for(r.home, ids)
         self.table.clear(r.rid)
-        self.gm.free(r.home, ids)
+        self.gm.free(r.home, ids[::-1])  # shared blocks stay with their other readers
+        r.num_registered = 0
         if host is None:
             r.num_tokens = 0
             return Preemption(r.rid, "recompute")
@@ -334,7 +498,9 @@ class KVCacheManager:
             swapped_in.append(r.rid)
             scheduled.append((r.rid, res.start, res.num_new))
 
+        forks, self._forks = CopyPlan("move", tuple(self._forks)), []
         return StepKVPlan(
+            forks=forks,
             moves=moves,
             swap_out=swap_out,
             swap_in=swap_in,

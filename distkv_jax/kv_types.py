@@ -40,6 +40,13 @@ class KVCacheConfig:
       only) unit of a step's migration plan.
     home_reserve_blocks: return-home migration only moves a block home while
       the home instance keeps more than this many free blocks.
+    enable_prefix_caching: full blocks are registered under a hash chained
+      over (parent hash, the block's token ids, ``cache_salt``), kept after
+      their readers finish (evictable, least recently released first) and
+      reused by later requests with the same prefix: on any instance under
+      ``distributed``, on the request's own instance under ``local``.
+    cache_salt: mixed into every prefix hash (the model and dtype), so KV
+      computed by another model can never match.
     """
 
     num_instances: int
@@ -50,6 +57,8 @@ class KVCacheConfig:
     lend_fraction: float = 0.9
     migrate_tokens_per_step: int = 16
     home_reserve_blocks: int = 0
+    enable_prefix_caching: bool = False
+    cache_salt: str = ""
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -181,7 +190,8 @@ class GrowResult:
 class StepKVPlan:
     """Everything the engine must do to the KV pools before and during a step.
 
-    Execute in this order: ``moves`` (device->device), ``swap_out``
+    Execute in this order: ``forks`` (device->device copies), ``moves``
+    (device->device), ``swap_out``
     (device->host), ``swap_in`` (host->device); then run the step, writing the
     new tokens of ``scheduled`` (their slots: ``KVCacheManager.slots``).
 
@@ -199,3 +209,5 @@ class StepKVPlan:
     swapped_in: tuple[RequestId, ...]
     too_long: tuple[RequestId, ...]
     deferred: tuple[RequestId, ...]
+    # fork copies (the partial last block of a forked sequence), run first
+    forks: CopyPlan = field(default_factory=lambda: CopyPlan("move"))

@@ -83,3 +83,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     error: Optional[str] = None
+    num_cached_tokens: int = 0           # prompt tokens whose KV came from the prefix cache

@@ -65,10 +65,17 @@ class Request:
     stop_reason: int | str | None = None
     error: str | None = None
     metrics: RequestMetrics = dataclasses.field(default_factory=RequestMetrics)
+    # ---- parallel sampling (n > 1): one record per sequence
+    parent_id: str | None = None    # the id the user submitted, for a sequence of an n > 1 request
+    index: int = 0                  # the sequence's CompletionOutput.index
+    # A sibling sequence forks from this one's blocks once its prompt is
+    # computed (the scheduler shares the full blocks and copies the partial one).
+    fork_of: "Request | None" = None
     # ---- scheduling state: written by the scheduler only
     instance: int = -1
     num_computed: int = 0           # tokens whose KV is cached
     prompt_logprobs_done: int = 1   # prompt positions whose logprob is recorded (first has none)
+    num_cached_tokens: int = -1     # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
     preemptions: int = 0
     # Overlapped steps: a token sampled by the step in flight is not in
     # `tokens` yet; its position can already be scheduled, and the step then

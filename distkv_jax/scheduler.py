@@ -151,7 +151,28 @@ class Scheduler:
         req.tokens.append(token)
 
     # ------------------------------------------------------------- planning
-    def _choose_instance(self, load: list[int], rows_left: list[int]) -> int | None:
+    def _reuse(self, r: Request) -> int:
+        """Cached prefix tokens a request with no KV starts on. A request
+        asking for prompt logprobs computes its whole prompt (as vLLM)."""
+        if r.wants_prompt_logprobs:
+            return 0
+        return self.kv.reuse_prefix(r.request_id, r.tokens)
+
+    def _forkable(self, leader: Request, r: Request) -> bool:
+        """The leader's prompt, but its last token, is computed and on device."""
+        need = r.prompt_len - 1
+        return (leader.status == RUNNING and leader.num_computed >= need
+                and self.kv.num_tokens(leader.request_id) >= need)
+
+    def _choose_instance(self, load: list[int], rows_left: list[int],
+                         prefer: Request | None = None) -> int | None:
+        """Least loaded instance (fewest requests; ties: most free blocks,
+        lowest id). A forked sequence goes to its leader's instance when it
+        has room there (under kv_policy local a fork needs it)."""
+        if prefer is not None and prefer.status == RUNNING:
+            i = prefer.instance
+            if load[i] < self.config.max_num_seqs and rows_left[i] > 0:
+                return i
         free = self.kv.free_device_blocks()
         best = None
         for i in range(self.num_instances):
@@ -188,6 +209,9 @@ class Scheduler:
                 n -= used
 
         running = [r for r in self._by_state(RUNNING) if not r.hold]
+        for r in running:                       # preempted for recompute: start on the cache
+            if r.num_computed == 0 and self.kv.num_tokens(r.request_id) == 0:
+                r.num_computed = self._reuse(r)
         for r in running:                       # decodes first: one row each
             if r.remaining == 1:
                 take(r, 1)
@@ -200,16 +224,28 @@ class Scheduler:
                 take(r, r.remaining)
         if not swapped:
             for r in self._by_state(WAITING):
-                inst = self._choose_instance(load, rows_left)
+                leader = r.fork_of
+                if leader is not None and not leader.is_finished and not self._forkable(leader, r):
+                    continue                    # a sibling sequence waits for its leader's prompt
+                inst = self._choose_instance(load, rows_left, leader)
                 if inst is None:
                     break
+                r.instance = self.kv.admit(r.request_id, inst)
+                r.status = RUNNING
+                if leader is not None and not leader.is_finished and \
+                        self.kv.fork(r.request_id, leader.request_id, r.prompt_len - 1):
+                    r.num_computed = r.prompt_len - 1
+                else:
+                    r.num_computed = self._reuse(r)
                 # The first chunk must fit in free blocks (keeping a watermark),
                 # so admitting never preempts a running request.
                 room = (self.kv.gm.available_for(inst) - cfg.watermark_blocks) * self.geom.block_size
-                if room <= 0:
-                    break                       # FCFS: no overtaking
-                r.instance = self.kv.admit(r.request_id, inst)
-                r.status = RUNNING
+                if room <= 0:                   # undo: it waits, FCFS (no overtaking)
+                    self.kv.finish(r.request_id)
+                    r.status, r.instance, r.num_computed = WAITING, -1, 0
+                    break
+                if r.num_cached_tokens < 0:     # first admission: vLLM's num_cached_tokens
+                    r.num_cached_tokens = r.num_computed
                 load[inst] += 1
                 take(r, min(r.remaining, room))
         if not demands:
@@ -321,9 +357,16 @@ class Scheduler:
                         tuple(seqs), kv_plan, token_src)
 
     def advance(self, plan: StepPlan) -> None:
-        """Record that the step's chunks are now cached."""
+        """Record that the step's chunks are now cached (the step is
+        dispatched: later steps read its KV), and offer the full blocks to
+        the prefix cache."""
+        done: dict[str, Request] = {}
         for s in plan.seqs:
             s.request.num_computed = max(s.request.num_computed, s.start + s.count)
+            done[s.request.request_id] = s.request
+        if self.kv.config.enable_prefix_caching:
+            for r in done.values():             # batch order: deterministic
+                self.kv.register(r.request_id, r.tokens)
 
     @staticmethod
     def record_prompt_logprob(row: LogitsRow) -> None:
