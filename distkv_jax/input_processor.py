@@ -3,9 +3,10 @@
 
 Checks, each with a message that names what is wrong: the prompt's type,
 tokenization (text needs a tokenizer), emptiness, token ids inside the
-vocabulary, the KV one request may hold under the KV policy, the context
-limit (`max_model_len`; with a sliding-window model, the window) and the
-logprobs asked for against `max_logprobs`. A request whose prompt fits but
+vocabulary (the prompt's and logit_bias's), the KV one request may hold
+under the KV policy, the context limit (`max_model_len`; with a
+sliding-window model, the window) and the logprobs asked for against
+`max_logprobs`. A request whose prompt fits but
 whose `max_tokens` would pass the context limit is capped there (finish
 reason "length"), as vLLM's offline engine does; one warning says so.
 """
@@ -56,6 +57,11 @@ class InputProcessor:
             if k is not None and k > lim.max_logprobs:
                 raise ValueError(f"{name}={k} is more than max_logprobs={lim.max_logprobs} "
                                  "(raise the engine's max_logprobs)")
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if t >= lim.vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {lim.vocab_size})")
         n = len(ids)
         if n > lim.kv_tokens:
             raise ValueError(f"prompt has {n} tokens, more than the {lim.kv_tokens} tokens of KV "

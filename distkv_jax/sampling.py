@@ -1,4 +1,5 @@
-"""On-device sampling (uses JAX): greedy, temperature, top-k, top-p, min-p.
+"""On-device sampling (uses JAX): penalties, logit bias, greedy, temperature,
+top-k, top-p, min-p.
 
 ``sample`` is a pure, jit-friendly function of ``[N, V]`` logits and a
 ``SamplingTensors`` of per-row parameters; it has no Python control flow on
@@ -6,6 +7,14 @@ traced values and can be called inside the engine's jitted step.
 
 Per row, in float32:
 
+0. Penalties and logit bias, in vLLM v1's order, on the row's sparse list of
+   tokens (``st.pen_*``; built on the host by ``penalties.py``): logit +=
+   bias; then the repetition penalty on tokens of the prompt or the output
+   (logit / p where logit > 0, else logit * p: transformers' and vLLM's
+   rule); then logit -= frequency * (count in the output) and
+   -= presence * (count > 0). The W listed logits are gathered, transformed
+   and scattered back, so the cost is O(N * W), not O(N * V). A batch
+   without any (``st.pen_ids`` None) compiles none of it.
 1. Banned tokens (``st.banned``, -1 = padding) get -inf.
 2. Greedy rows (``temperature < 1e-5``) take the argmax of the masked logits.
 3. Other rows: logits / temperature; keep the top ``top_k`` (if > 0); then
@@ -25,9 +34,9 @@ and top-p stages, and the random draw, are skipped at run time (``lax.cond``)
 when no row of the batch needs them.
 
 Reported logprobs are those of the RAW model distribution (log-softmax of the
-unmodified logits, before banning and temperature), as vLLM reports by
-default; ``ranks`` are 1-based (the number of tokens with logprob >= the
-chosen token's).
+unmodified logits, before penalties, logit bias, banning and temperature), as
+vLLM reports by default (logprobs_mode "raw_logprobs"); ``ranks`` are
+1-based (the number of tokens with logprob >= the chosen token's).
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distkv_jax.penalties import PenaltyRow
 from distkv_jax.sampling_params import GREEDY_EPS
 
 __all__ = ["SamplingTensors", "SampleResult", "make_sampling_tensors", "sample", "report_logprobs"]
@@ -62,12 +72,25 @@ class SamplingTensors(NamedTuple):
     seed: Any         # u32 [N]
     counter: Any      # i32 [N]; index of the token being generated in its request
     banned: Any       # i32 [N, B]; token ids forced to -inf, -1 = padding
+    # Penalties and logit bias: W entries per row (W a static width), or all
+    # None when no row of the batch has any (the step compiles without them).
+    pen_ids: Any = None      # i32 [N, W]; unique token ids per row, -1 = padding
+    pen_count: Any = None    # i32 [N, W]; occurrences in the output so far
+    pen_in_seq: Any = None   # bool [N, W]; in the prompt or the output
+    pen_bias: Any = None     # f32 [N, W]; logit bias
+    pen_pending: Any = None  # bool [N]; the row's input token (``last_tokens``) is an
+    #                          output token not counted in pen_count (overlapped steps)
+    presence: Any = None     # f32 [N]
+    frequency: Any = None    # f32 [N]
+    repetition: Any = None   # f32 [N]; 1 = off
 
     @classmethod
     def from_rows(cls, rows, counters, banned_lists=None, num_rows_padded=None,
-                  *, seeds=None, banned_width=None) -> "SamplingTensors":
+                  *, seeds=None, banned_width=None, penalty_rows=None,
+                  penalty_width=None) -> "SamplingTensors":
         return make_sampling_tensors(rows, counters, banned_lists, num_rows_padded,
-                                     seeds=seeds, banned_width=banned_width)
+                                     seeds=seeds, banned_width=banned_width,
+                                     penalty_rows=penalty_rows, penalty_width=penalty_width)
 
 
 class SampleResult(NamedTuple):
@@ -86,6 +109,8 @@ def make_sampling_tensors(
     *,
     seeds: Optional[Sequence[Optional[int]]] = None,
     banned_width: Optional[int] = None,
+    penalty_rows: Optional[Sequence[Optional[PenaltyRow]]] = None,
+    penalty_width: Optional[int] = None,
 ) -> SamplingTensors:
     """Build numpy ``SamplingTensors`` for ``len(params_list)`` rows.
 
@@ -96,6 +121,11 @@ def make_sampling_tensors(
     token ids row i must not draw (or None). ``seeds`` overrides the params'
     seeds (the engine passes its assigned seeds here); a seed that is None in
     both becomes 0. Seeds are reduced mod 2**32.
+
+    ``penalty_rows[i]``: row i's ``penalties.PenaltyRow`` (or None: no
+    penalties). The penalty width W is ``penalty_width`` or the longest row
+    rounded up to a power of two; W = 0 (the default when no row has an
+    entry or a pending token) leaves the ``pen_*`` fields None.
 
     Rows are padded to ``num_rows_padded`` (default: no padding) with greedy
     rows; the banned width is ``banned_width`` or the longest list rounded up
@@ -108,6 +138,8 @@ def make_sampling_tensors(
         raise ValueError(f"banned_lists has {len(banned_lists)} entries for {n} rows")
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"seeds has {len(seeds)} entries for {n} rows")
+    if penalty_rows is not None and len(penalty_rows) != n:
+        raise ValueError(f"penalty_rows has {len(penalty_rows)} entries for {n} rows")
     rows = n if num_rows_padded is None else int(num_rows_padded)
     if rows < n:
         raise ValueError(f"num_rows_padded={rows} < {n} rows")
@@ -137,7 +169,36 @@ def make_sampling_tensors(
         if banned_lists is not None and banned_lists[i]:
             b = list(banned_lists[i])
             banned[i, :len(b)] = b
-    return SamplingTensors(temperature, top_k, top_p, min_p, seed, counter, banned)
+    return SamplingTensors(temperature, top_k, top_p, min_p, seed, counter, banned,
+                           *_penalty_arrays(penalty_rows, rows, penalty_width))
+
+
+def _penalty_arrays(penalty_rows, rows: int, width: Optional[int]) -> tuple:
+    """The eight ``pen_*`` / penalty fields for ``rows`` rows (all None at W = 0)."""
+    live = [(i, r) for i, r in enumerate(penalty_rows or ()) if r is not None]
+    longest = max((len(r.ids) for _, r in live), default=0)
+    needed = any(len(r.ids) or r.pending for _, r in live)
+    if width is None:
+        width = _next_pow2(longest) if needed else 0
+    width = int(width)
+    if width < longest or (needed and width < 1):
+        raise ValueError(f"penalty_width={width} cannot hold {longest} penalty entries")
+    if width == 0:
+        return (None,) * 8
+    ids = np.full((rows, width), -1, np.int32)
+    count = np.zeros((rows, width), np.int32)
+    in_seq = np.zeros((rows, width), np.bool_)
+    bias = np.zeros((rows, width), np.float32)
+    pending = np.zeros(rows, np.bool_)
+    presence = np.zeros(rows, np.float32)
+    frequency = np.zeros(rows, np.float32)
+    repetition = np.ones(rows, np.float32)
+    for i, r in live:
+        k = len(r.ids)
+        ids[i, :k], count[i, :k], in_seq[i, :k], bias[i, :k] = r.ids, r.count, r.in_seq, r.bias
+        pending[i] = r.pending
+        presence[i], frequency[i], repetition[i] = r.presence, r.frequency, r.repetition
+    return ids, count, in_seq, bias, pending, presence, frequency, repetition
 
 
 def _order_key(x):
@@ -171,25 +232,65 @@ def _argmax(x):
     return jnp.min(jnp.where(x == m, idx, x.shape[-1]), axis=-1).clip(0, x.shape[-1] - 1)
 
 
+def _apply_penalties(logits, st: SamplingTensors, last_tokens):
+    """Step 0 of the module docstring on [N, V] float32 logits."""
+    n, vocab = logits.shape
+    ids = jnp.asarray(st.pen_ids, jnp.int32)
+    count = jnp.asarray(st.pen_count, jnp.int32)
+    in_seq = jnp.asarray(st.pen_in_seq, jnp.bool_)
+    bias = jnp.asarray(st.pen_bias, jnp.float32)
+    if last_tokens is not None:
+        # The pending output token (overlapped steps: known on the device
+        # only) counts once more: in its entry when the row lists it, else in
+        # one extra column.
+        pend = jnp.where(jnp.asarray(st.pen_pending, jnp.bool_),
+                         jnp.asarray(last_tokens, jnp.int32), -1)
+        live = pend >= 0
+        match = (ids == pend[:, None]) & live[:, None]
+        count = count + match.astype(jnp.int32)
+        in_seq = in_seq | match
+        extra = jnp.where(live & ~jnp.any(match, axis=-1), pend, -1)[:, None]
+        ids = jnp.concatenate([ids, extra], axis=1)
+        count = jnp.concatenate([count, (extra >= 0).astype(jnp.int32)], axis=1)
+        in_seq = jnp.concatenate([in_seq, extra >= 0], axis=1)
+        bias = jnp.concatenate([bias, jnp.zeros((n, 1), jnp.float32)], axis=1)
+    x = jnp.take_along_axis(logits, jnp.maximum(ids, 0), axis=1) + bias
+    rep = jnp.asarray(st.repetition, jnp.float32)[:, None]
+    x = jnp.where(in_seq, jnp.where(x > 0, x / rep, x * rep), x)
+    cnt = count.astype(jnp.float32)
+    x = (x - jnp.asarray(st.frequency, jnp.float32)[:, None] * cnt
+         - jnp.asarray(st.presence, jnp.float32)[:, None] * (cnt > 0))
+    # ids are unique within a row, so the scatter is deterministic; -1 -> V is dropped.
+    return logits.at[jnp.arange(n)[:, None], jnp.where(ids >= 0, ids, vocab)].set(
+        x, mode="drop")
+
+
 def sample(logits, st: SamplingTensors, num_top: int, base_key_seed=0,
-           with_logprobs: bool = True) -> SampleResult:
+           with_logprobs: bool = True, last_tokens=None) -> SampleResult:
     """Sample one token per row of ``logits`` [N, V] (see module docstring).
 
     ``num_top`` is static (a Python int >= 0): the number of raw top logprobs
     returned per row. ``base_key_seed`` may be a Python int or a traced int.
     ``with_logprobs=False`` (static) skips the raw log-softmax: logprobs and
     ranks come back as zeros (for batches where no row reports them).
+    ``last_tokens`` (i32 [N] or None): each row's input token; rows with
+    ``st.pen_pending`` count it as one more output token (None: no row does).
     """
     logits = jnp.asarray(logits).astype(jnp.float32)
     n, vocab = logits.shape
     neg_inf = jnp.float32(-jnp.inf)
+
+    # 0. Penalties and logit bias (static: only batches that have them).
+    penalized = logits
+    if st.pen_ids is not None and st.pen_ids.shape[1] > 0:
+        penalized = _apply_penalties(logits, st, last_tokens)
 
     # 1. Banned tokens -> -inf (-1 padding is dropped by the scatter).
     banned = jnp.asarray(st.banned, jnp.int32)
     ban_idx = jnp.where(banned >= 0, banned, vocab)
     ban = jnp.zeros((n, vocab), jnp.bool_).at[
         jnp.arange(n)[:, None], ban_idx].set(True, mode="drop")
-    masked = jnp.where(ban, neg_inf, logits)
+    masked = jnp.where(ban, neg_inf, penalized)
 
     # 2. Greedy.
     temperature = jnp.asarray(st.temperature, jnp.float32)

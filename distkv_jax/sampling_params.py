@@ -6,6 +6,7 @@ whose message names the field and the offending value.
 
 Meanings follow vLLM:
 
+- ``n``: the number of sequences generated for the prompt (an int >= 1).
 - ``temperature``: 0 (anything below ``_GREEDY_EPS`` = 1e-5) means greedy.
 - ``top_k``: 0 or -1 disable (-1 is normalized to 0).
 - ``top_p``: in (0, 1]; 1 disables.
@@ -24,13 +25,30 @@ Meanings follow vLLM:
 - ``logprobs`` / ``prompt_logprobs``: number of top logprobs to return per
   generated / prompt position (the chosen token is always included), or
   ``None`` for none.
+- ``presence_penalty`` / ``frequency_penalty``: in [-2, 2] (vLLM's and
+  OpenAI's range); subtracted from the logit of every token that appears in
+  the output so far, once / once per occurrence. 0 disables.
+- ``repetition_penalty``: in (0, 2]; 1 disables. Tokens of the prompt or the
+  output so far get logit / p where the logit is > 0, logit * p otherwise
+  (transformers' and vLLM's rule). vLLM only asks for > 0; the upper bound 2
+  is this engine's (larger values are never useful and keep the float32
+  arithmetic far from overflow).
+- ``logit_bias``: {token id: bias} added to those tokens' logits, bias in
+  [-100, 100] (OpenAI's range; vLLM clamps to it, this engine refuses values
+  outside it). Keys may be ints or strings of ints (as OpenAI's JSON sends
+  them); they are normalized to ints, an empty mapping to ``None``. Token ids
+  are checked against the vocabulary when the engine takes the request.
+
+Order on the device (vLLM v1's): logit bias, then the repetition penalty,
+then frequency and presence penalties, then banned tokens and temperature.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 __all__ = ["SamplingParams", "GREEDY_EPS"]
 
@@ -50,6 +68,37 @@ def _bad(field: str, value, why: str) -> ValueError:
     return ValueError(f"SamplingParams.{field}={value!r}: {why}")
 
 
+_INT_STR = re.compile(r"\s*-?[0-9]+\s*")  # not int()'s "1_0" or non-ASCII digits
+
+
+def _logit_bias(bias) -> Optional[Dict[int, float]]:
+    """logit_bias normalized to {int token id: float bias}, or None when empty."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", bias, "must be a dict of token id -> bias, or None")
+    out: Dict[int, float] = {}
+    for k, v in bias.items():
+        if _is_int(k):
+            tid = int(k)
+        elif isinstance(k, str) and _INT_STR.fullmatch(k):  # OpenAI's JSON keys are strings
+            tid = int(k)
+        else:
+            raise _bad("logit_bias", bias,
+                       f"keys must be token ids (ints or strings of ints), got {k!r}")
+        if tid < 0:
+            raise _bad("logit_bias", bias, f"token ids must be >= 0, got {tid}")
+        if tid in out:
+            raise _bad("logit_bias", bias, f"token id {tid} appears more than once")
+        if not _is_real(v):
+            raise _bad("logit_bias", bias,
+                       f"bias of token {tid} must be a number, got {type(v).__name__}")
+        if not -100.0 <= v <= 100.0:  # also refuses nan
+            raise _bad("logit_bias", bias, f"bias of token {tid} must be in [-100, 100], got {v!r}")
+        out[tid] = float(v)
+    return out or None
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -67,13 +116,17 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[Dict[int, float]] = None
 
     def __post_init__(self):
         # n
         if not _is_int(self.n):
-            raise _bad("n", self.n, "must be an int")
-        if self.n != 1:
-            raise _bad("n", self.n, "only n=1 is supported")
+            raise _bad("n", self.n, f"must be an int, got {type(self.n).__name__}")
+        if self.n < 1:
+            raise _bad("n", self.n, "must be >= 1")
         self.n = int(self.n)
 
         # float fields
@@ -171,6 +224,27 @@ class SamplingParams:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise _bad(name, v, f"must be a bool, got {type(v).__name__}")
+
+        # penalties
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v):
+                raise _bad(name, v, f"must be a number, got {type(v).__name__}")
+            setattr(self, name, float(v))
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:  # also refuses nan
+                raise _bad(name, v, "must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise _bad("repetition_penalty", self.repetition_penalty,
+                       "must be in (0, 2] (1 disables it)")
+        self.logit_bias = _logit_bias(self.logit_bias)
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when some penalty or logit bias changes the logits."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0 or bool(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:

@@ -44,7 +44,7 @@ def test_normalization():
 
 
 BAD = [
-    ("n", dict(n=2)),
+    ("n", dict(n=1.5)),
     ("n", dict(n=0)),
     ("temperature", dict(temperature=-0.1)),
     ("temperature", dict(temperature="0.5")),
@@ -100,9 +100,10 @@ def test_bad_params_raise(field, kwargs):
     assert repr(bad_value) in msg, msg
 
 
-def test_n_message_says_unsupported():
-    with pytest.raises(ValueError, match="only n=1"):
-        SamplingParams(n=3)
+def test_n_is_an_int_at_least_one():
+    assert SamplingParams(n=3).n == 3
+    with pytest.raises(ValueError, match=r"n=0: must be >= 1"):
+        SamplingParams(n=0)
 
 
 # ---------------------------------------------------------------- outputs
