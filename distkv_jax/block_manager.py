@@ -236,6 +236,17 @@ class BlockManager:
             del self.cached[h]
         return h
 
+    def drop_cached(self) -> int:
+        """Forget every evictable block's prefix (they become free); blocks
+        still read keep theirs. Returns how many were dropped."""
+        n = len(self._evictable)
+        for p in self._evictable:
+            del self.cached[self.hash_of.pop(p)]
+            self.holder[p] = FREE
+        self._free.push(list(self._evictable))
+        self._evictable.clear()
+        return n
+
     def hash_of_block(self, global_id: int) -> bytes | None:
         return self.hash_of.get(self._phys(global_id))
 

@@ -19,6 +19,7 @@ device; the host appends the tokens and checks stop conditions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -55,7 +56,9 @@ class Engine:
                  args: EngineArgs = EngineArgs(), progress: bool = True):
         self.args, self.cfg, self.mesh, self.tokenizer = args, cfg, mesh, tokenizer
         self.runner = ModelRunner(cfg, params, mesh, args)
-        self.kv = KVCacheManager(args.kv_cache_config(self.runner.layout.blocks_per_instance))
+        # the salt keeps KV of another model or dtype from ever matching a prefix
+        salt = f"{args.model}|{args.dtype}|{cfg.num_layers}|{cfg.vocab_size}"
+        self.kv = KVCacheManager(args.kv_cache_config(self.runner.layout.blocks_per_instance, salt))
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             prefill_q_tile=self.runner.prefill_q_tile), self.kv)
@@ -70,6 +73,8 @@ class Engine:
             cfg.sliding_window), tokenizer, args.seed)
         self.outputs = OutputProcessor(tokenizer, self.eos_ids)
         self._live: dict[str, Request] = {}       # added, final output not yet emitted
+        # n > 1: submitted id -> its sequences by index (_live holds sequence 0)
+        self._groups: dict[str, list[Request]] = {}
         self._settled: dict[str, Request] = {}    # finished outside a step (refused, aborted)
         self._inflight: _InFlight | None = None
         self._arrivals = 0
@@ -122,7 +127,14 @@ class Engine:
         not an exception: its final output (finish_reason "error", `error`
         saying why) comes with the next step's outputs. A request_id that is
         still live is refused with ValueError (its outputs would be
-        ambiguous)."""
+        ambiguous).
+
+        Parallel sampling (params.n > 1, as vLLM v1): the request is checked
+        once, then fans out into n sequences, each its own record in the
+        scheduler and the output processor (scheduler id
+        f"{request_id}\x1f{i}"); sequence i samples with seed (request
+        seed) + i. Their outputs come back as one RequestOutput under
+        request_id, with n CompletionOutputs (index 0..n-1)."""
         arrival = self._arrivals
         self._arrivals += 1
         request_id = str(arrival) if request_id is None else str(request_id)
@@ -139,22 +151,53 @@ class Engine:
             self._live[request_id] = req
             self._settled[request_id] = req
             return request_id
+        if params.n > 1:
+            self._add_group(req, now)
+            return request_id
         req.metrics = RequestMetrics(arrival_time=now)
         self._live[request_id] = req
         self.outputs.add(req)
         self.scheduler.add(req)
         return request_id
 
+    def _add_group(self, req: Request, now: float) -> None:
+        """The n sequences of a checked n > 1 request. Only sequence 0
+        computes prompt logprobs (they are the same for every sequence);
+        sequences 1..n-1 fork from sequence 0's prompt KV (fork_of)."""
+        parent, params = req.request_id, req.params
+        rest = params if params.prompt_logprobs is None else \
+            dataclasses.replace(params, prompt_logprobs=None)
+        seqs: list[Request] = []
+        for i in range(params.n):
+            seq = dataclasses.replace(
+                req, request_id=f"{parent}\x1f{i}", params=params if i == 0 else rest,
+                tokens=list(req.tokens), seed=req.seed + i, parent_id=parent, index=i,
+                fork_of=seqs[0] if i else None, metrics=RequestMetrics(arrival_time=now))
+            seqs.append(seq)
+        self._live[parent] = seqs[0]
+        self._groups[parent] = seqs
+        for seq in seqs:
+            self.outputs.add(seq)
+            self.scheduler.add(seq)
+
     def abort(self, request_id: str) -> bool:
         """End a request now: every block it holds (own, borrowed, host) is
         freed before the next step, and a row of it in the step in flight is
         dropped. Its final output (finish_reason "abort") comes with the next
-        step's outputs. Unknown or finished ids: a no-op (False)."""
-        req = self._live.get(str(request_id))
-        if req is None or req.is_finished:
+        step's outputs. Unknown or finished ids: a no-op (False). An n > 1
+        request: every sequence still running is aborted (finished ones keep
+        their finish reason)."""
+        request_id = str(request_id)
+        req = self._live.get(request_id)
+        if req is None:
             return False
-        self._finish(req, RequestStatus.FINISHED_ABORTED, {})
-        self._settled[req.request_id] = req
+        seqs = self._groups.get(request_id) if req.parent_id is not None else None
+        live = [s for s in (seqs or (req,)) if not s.is_finished]
+        if not live:
+            return False
+        for s in live:
+            self._finish(s, RequestStatus.FINISHED_ABORTED, {})
+            self._settled[s.request_id] = s
         self.stats["aborted"] += 1
         return True
 
@@ -171,6 +214,8 @@ class Engine:
         return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._settled)
 
     def num_live(self) -> int:
+        """Submitted requests whose final output is not yet emitted (an n > 1
+        request counts once)."""
         return len(self._live)
 
     # ------------------------------------------------------------------ loop
@@ -262,7 +307,17 @@ class Engine:
         res = jax.tree.map(np.asarray, res)
         target_lp, target_rank = np.asarray(target_lp), np.asarray(target_rank)
         now = time.time()
-        for k, row in enumerate(step.plan.logits_rows):
+        rows = step.plan.logits_rows
+        # A chunk split over instances puts its rows in instance order, not
+        # position order: prompt logprobs are recorded in position order,
+        # before any sampled token.
+        order = range(len(rows))
+        if any(row is not None and row.target >= 0 for row in rows):
+            order = sorted((k for k, row in enumerate(rows) if row is not None),
+                           key=lambda k: (rows[k].target < 0,
+                                          rows[k].position if rows[k].target >= 0 else k))
+        for k in order:
+            row = rows[k]
             if row is None:
                 continue
             req = row.request
@@ -288,22 +343,47 @@ class Engine:
 
     def _unblock(self, changed: dict[str, Request]) -> None:
         """Nothing could be scheduled although requests remain: the head of the
-        queue can never fit. Fail it rather than spin."""
+        queue can never fit. Fail it (every sequence of it, for n > 1: they
+        need the same KV) rather than spin."""
         for req in list(self.scheduler.requests.values()):
-            req.error = "request cannot be scheduled with the configured KV capacity"
-            self._finish(req, RequestStatus.FINISHED_ERROR, changed)
+            why = "request cannot be scheduled with the configured KV capacity"
+            group = self._groups.get(req.parent_id, ()) if req.parent_id is not None else ()
+            for s in group or (req,):
+                if not s.is_finished:
+                    s.error = why
+                    self._finish(s, RequestStatus.FINISHED_ERROR, changed)
             return
 
     def _finish(self, req: Request, status: RequestStatus, changed: dict[str, Request]) -> None:
         req.metrics.finished_time = time.time()
-        if status != RequestStatus.FINISHED_ERROR or req.prompt_len:
+        # the prompt counts once per submitted request (sequence 0 of an n > 1 one)
+        if req.index == 0 and (status != RequestStatus.FINISHED_ERROR or req.prompt_len):
             self.stats["prompt_tokens"] += req.prompt_len
         self.scheduler.finish(req, status)
         changed[req.request_id] = req
 
     def _emit(self, changed: dict[str, Request], only_finished: bool) -> list[RequestOutput]:
         outs = []
+        groups_done: set[str] | None = None
         for req in changed.values():
+            if req.parent_id is not None:  # a sequence of an n > 1 request
+                parent = req.parent_id
+                if groups_done is None:
+                    groups_done = set()
+                elif parent in groups_done:
+                    continue
+                groups_done.add(parent)
+                seqs = self._groups.get(parent)
+                if seqs is None:  # its final output went out already
+                    continue
+                finished = all(s.is_finished for s in seqs)
+                if finished:
+                    del self._groups[parent]
+                    self._live.pop(parent, None)
+                elif only_finished:
+                    continue
+                outs.append(self.outputs.make_group_output(parent, seqs, finished))
+                continue
             if req.is_finished:
                 self._live.pop(req.request_id, None)
             elif only_finished:
@@ -322,8 +402,9 @@ class Engine:
         for req in self.scheduler.requests.values():
             if req.status in counts:
                 counts[req.status] += 1
-        kc = self.kv.config
-        ledger = self.kv.ledger()
+        kv = self.kv
+        kc = kv.config
+        ledger = kv.ledger()
         span = 0
         for rid in self.kv.requests():  # arrival order
             if self.kv.state(rid) == RequestStatus.RUNNING:
@@ -344,6 +425,14 @@ class Engine:
             "ledger": ledger.tolist(),            # [debtor][creditor]
             "borrowed": (ledger.sum(axis=1) - np.diag(ledger)).tolist(),
             "max_request_instances": span,
+            # prefix cache, in tokens, per home instance of the querying
+            # request: queried (prompt tokens looked up), hit (found cached
+            # anywhere), and hit on blocks held by another instance
+            "prefix_cache_queries": kv.prefix_queries.tolist(),
+            "prefix_cache_hits": (kv.prefix_hits_local + kv.prefix_hits_remote).tolist(),
+            "prefix_cache_hits_remote": kv.prefix_hits_remote.tolist(),
+            "prefix_cache_blocks": kv.num_cached_blocks().tolist(),   # evictable, per instance
+            "prefix_cache_evictions": [m.evictions for m in kv.gm.managers],
             "stats": dict(self.stats),
         }
 

@@ -73,6 +73,7 @@ class _Allocation:
     host_blocks: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its stream's full blocks
     num_registered: int = 0      # table blocks already offered to the prefix cache
+    promised: list[bytes] = field(default_factory=list)  # prompt blocks it is computing
 
 
 class KVCacheManager:
@@ -88,6 +89,9 @@ class KVCacheManager:
         self._root = hashlib.blake2b(b"distkv-prefix:" + config.cache_salt.encode(),
                                      digest_size=16).digest()
         self._forks: list[tuple[int, int]] = []  # partial-block copies of this step's forks
+        # prompt blocks being computed by a running request (hash -> request):
+        # a request that needs one next waits for it instead of computing it twice
+        self._promised: dict[bytes, RequestId] = {}
         I = config.num_instances
         # prefix cache counters per home instance, in tokens: queried, hit on
         # the home instance's blocks, hit on other instances' blocks
@@ -163,19 +167,25 @@ class KVCacheManager:
         """Home for a new request: most free device blocks, ties to lowest id."""
         return int(np.argmax(self.gm.free_counts()))
 
-    def admit(self, rid: RequestId, instance: int | None = None) -> int:
+    def admit(self, rid: RequestId, instance: int | None = None,
+              hashes: list[bytes] | None = None) -> int:
+        """A new request, homed on ``instance`` (default: most free blocks).
+        ``hashes``: its prefix-hash chain computed so far (see
+        ``prefix_hashes``), adopted and extended in place."""
         if rid in self._reqs:
             raise KeyError(f"request {rid!r} already admitted")
         home = self.choose_instance() if instance is None else int(instance)
         if not 0 <= home < self.config.num_instances:
             raise ValueError(f"instance {home} out of range")
-        self._reqs[rid] = _Allocation(rid, self._next_seq, home)
+        self._reqs[rid] = _Allocation(rid, self._next_seq, home,
+                                      hashes=[] if hashes is None else hashes)
         self._next_seq += 1
         self.table.add(rid)
         return home
 
     def finish(self, rid: RequestId) -> None:
         r = self._reqs.pop(rid)
+        self._unpromise(r)
         ids = self.table.remove(rid)
         # last block first: a released prefix is evicted from its tail
         self.gm.free(r.home, ids[::-1].tolist())
@@ -186,11 +196,14 @@ class KVCacheManager:
 
     # ------------------------------------------------------------ prefix cache
     def _chain(self, r: _Allocation, tokens: Sequence[int], k: int) -> list[bytes]:
-        """The first ``k`` full-block hashes of r's token stream: each block's
-        hash is chained over its parent's hash and its token ids (the salt
-        is in the root). Streams only grow, so they are computed once."""
+        return self.prefix_hashes(tokens, k, r.hashes)
+
+    def prefix_hashes(self, tokens: Sequence[int], k: int, hs: list[bytes]) -> list[bytes]:
+        """The first ``k`` full-block hashes of a token stream, extending the
+        chain ``hs`` (computed so far) in place: each block's hash is chained
+        over its parent's hash and its token ids (the salt is in the root).
+        Streams only grow, so each is computed once."""
         bs = self.config.block_size
-        hs = r.hashes
         while len(hs) < k:
             j = len(hs)
             block = np.asarray(tokens[j * bs:(j + 1) * bs], dtype=np.int64)
@@ -237,6 +250,11 @@ class KVCacheManager:
         self.table.append(rid, hits)
         r.num_tokens = len(hits) * bs
         r.num_registered = len(hits)
+        # the rest of its prompt's full blocks: promised to later requests
+        for h in self._chain(r, tokens, len(tokens) // bs)[len(hits):]:
+            if h not in self._promised and self._find(h, scope) is None:
+                self._promised[h] = rid
+                r.promised.append(h)
         local = sum(1 for g in hits if g // bpi == r.home)
         self.prefix_hits_local[r.home] += local * bs
         self.prefix_hits_remote[r.home] += (len(hits) - local) * bs
@@ -267,8 +285,33 @@ class KVCacheManager:
                 continue
             m.register(g, hs[j])
             added += 1
+        if r.promised:
+            for j in range(r.num_registered, full):
+                if self._promised.get(hs[j]) == rid:
+                    del self._promised[hs[j]]
         r.num_registered = full
         return added
+
+    def _unpromise(self, r: _Allocation) -> None:
+        for h in r.promised:
+            if self._promised.get(h) == r.rid:
+                del self._promised[h]
+        r.promised = []
+
+    def awaits_prefix(self, tokens: Sequence[int], hashes: list[bytes]) -> bool:
+        """True when the first block of ``tokens`` (a waiting request's
+        prompt; ``hashes`` its chain so far, extended in place) that no
+        instance has cached is being computed by a running request: admitting
+        it now would compute that block twice. Distributed policy only (under
+        local the request may land on another instance)."""
+        if not self.config.enable_prefix_caching or self.config.kv_policy == "local" \
+                or not self._promised:
+            return False
+        scope = list(range(self.config.num_instances))
+        for h in self.prefix_hashes(tokens, (len(tokens) - 1) // self.config.block_size, hashes):
+            if self._find(h, scope) is None:
+                return h in self._promised
+        return False
 
     def fork(self, child: RequestId, parent: RequestId, num_tokens: int) -> bool:
         """Start ``child`` (running, no KV yet) on the first ``num_tokens``
@@ -301,6 +344,14 @@ class KVCacheManager:
         c.num_tokens = num_tokens
         c.num_registered = full  # the parent's blocks: registered by the parent
         return True
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block no request reads (vLLM's
+        reset_prefix_cache); True when the cache is now empty (no running
+        request holds registered blocks)."""
+        for m in self.gm.managers:
+            m.drop_cached()
+        return all(not m.cached for m in self.gm.managers)
 
     def num_cached_blocks(self) -> np.ndarray:
         """Evictable prefix-cache blocks per instance (no reader)."""
@@ -383,6 +434,7 @@ class KVCacheManager:
         return self._preempt(r)
 
     def _preempt(self, r: _Allocation) -> Preemption:
+        self._unpromise(r)
         ids = self.table.blocks(r.rid).tolist()
         if not ids:
             r.num_tokens = 0

@@ -108,6 +108,11 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefixes no request reads (as vLLM's); True when
+        the cache is empty afterwards."""
+        return self.engine.kv.reset_prefix_cache()
+
     def _submit(self, prompts, sampling_params) -> list[str]:
         prompts, params = normalize_batch(prompts, sampling_params)
         ids = []

@@ -6,7 +6,11 @@ sampling inputs (uses JAX).
     runner.warm_start()                          compile the step programs up front
 
 The step is one program per bucket shape: (rows per instance, tiles, query
-tile, work-list runs, run length, logits rows, with or without logprobs).
+tile, work-list runs, run length, logits rows, banned-token columns, penalty
+entries per row; with or without logprobs is a traced flag). Steps where no
+row has penalties or logit bias have no penalty entries (width 0, the only
+width warm start builds); each penalty width a step uses (a power of two,
+at least MIN_PENALTY) is one more program per shape.
 `compiled_programs()` counts them; `step_shapes()` lists the ones the
 configuration can use for warm start.
 """
@@ -36,6 +40,7 @@ from .models.config import ModelConfig
 from .models.llama import unstack_layers
 from .models.loader import resolve_dtype
 from .paged_model import paged_forward_fn, pool_layout
+from .penalties import request_row
 from .request import Request
 from .sampling import SampleResult, SamplingTensors, make_sampling_tensors, report_logprobs, sample
 from .scheduler import LogitsRow, StepPlan, tiles_bucket
@@ -43,6 +48,9 @@ from .scheduler import LogitsRow, StepPlan, tiles_bucket
 log = logging.getLogger("distkv_jax")
 
 MIN_BANNED = 8  # banned-token columns (more only when a request bans more)
+# Penalty entries per row when some row has penalties: a floor of 64 keeps a
+# short request on one program for its first tokens; wider only as needed.
+MIN_PENALTY = 64
 # Query rows per attention tile in steps with prefill chunks. The native
 # kernel's prefill path puts 16 rows of one KV head in a vector (q_tile x
 # query heads per KV head); the jnp and Pallas kernels compute q_tile x block
@@ -96,6 +104,7 @@ class StepShape:
     run: int         # items per run
     logits: int      # S: logits rows per instance
     banned: int = 8  # banned-token columns
+    penalty: int = 0  # penalty entries per row (0: no row has penalties)
 
 
 def kv_blocks_from_memory(layout: PoolLayout, dtype, cfg: ModelConfig, max_num_seqs: int,
@@ -148,6 +157,9 @@ class ModelRunner:
             zeros = jax.jit(lambda: jnp.zeros(host_layout.shape, self.dtype), out_shardings=sh)
             self.host_pools = PagedKVCache(zeros(), zeros())
         self.copier = KVCopier(mesh)
+        # move batches warm start compiles (fork copies are cut to this size)
+        self._fork_batch = bucket_size(max(args.kv_cache_config(1).migrate_blocks_per_step,
+                                           self.layout.num_instances))
         self._step = self._make_step()
         self.shapes_run: set[StepShape] = set()  # shapes of the steps dispatched so far
         # The step's tokens are always a device array sharded like its rows
@@ -171,7 +183,12 @@ class ModelRunner:
         def step(params, pools, tokens, positions, meta, logits_index, targets, st, report):
             logits, pools = forward(params, tokens, positions, pools, meta, logits_index)
             logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
-            tokens = sample(logits, st, 0, base_seed, with_logprobs=False).tokens
+            last = None
+            if st.pen_ids is not None:  # static: only steps with penalties
+                # each logits row's input token: a pending one (sampled by the
+                # previous step) is counted by the penalties on the device
+                last = jnp.take_along_axis(tokens, logits_index, axis=1).reshape(-1)
+            tokens = sample(logits, st, 0, base_seed, with_logprobs=False, last_tokens=last).tokens
 
             # `report` (a traced flag, not a static one: one program serves
             # steps with and without logprobs): some row reports logprobs.
@@ -211,6 +228,12 @@ class ModelRunner:
     # --------------------------------------------------------------- copies
     def copy_kv(self, kvp: StepKVPlan) -> None:
         """The control plane's block copies, in their documented order."""
+        if kvp.forks.pairs:
+            # fork copies read parents' blocks that no copy of theirs
+            # writes, so they may run in chunks of the warmed batch sizes
+            pairs, k = kvp.forks.pairs, self._fork_batch
+            for i in range(0, len(pairs), k):
+                self.pools = self.copier.move(self.pools, pairs[i:i + k])
         if kvp.moves.pairs:
             self.pools = self.copier.move(self.pools, kvp.moves)
         if kvp.swap_out.pairs:
@@ -230,7 +253,8 @@ class ModelRunner:
         a = plan.attention
         self.shapes_run.add(StepShape(plan.tokens.shape[1], a.tile_rows.shape[0], a.tile_rows.shape[1],
                                       a.item_tile.shape[1], a.item_tile.shape[2],
-                                      plan.logits_index.shape[1], st.banned.shape[1]))
+                                      plan.logits_index.shape[1], st.banned.shape[1],
+                                      0 if st.pen_ids is None else st.pen_ids.shape[1]))
         self.pools, *result = self._step(
             self.params, self.pools, tokens, plan.positions, DistMeta.from_plan(plan.attention),
             plan.logits_index, plan.targets, st, self._reports_logprobs(plan.logits_rows))
@@ -349,7 +373,8 @@ class ModelRunner:
             item_block=np.zeros((I, s.runs, s.run), np.int32),
             item_kstart=np.full((I, s.runs, s.run), MASKED, np.int32))
         st = make_sampling_tensors([_GREEDY_ROW] * n, [0] * n, [None] * n, seeds=[0] * n,
-                                   banned_width=s.banned)
+                                   banned_width=s.banned, penalty_rows=[None] * n,
+                                   penalty_width=s.penalty)
         zeros = np.zeros((I, s.rows), np.int32)
         self.pools, *result = self._step(
             self.params, self.pools, self._put_rows(zeros), zeros, meta,
@@ -380,15 +405,19 @@ def _near_map_limit(fraction: float = 0.85) -> bool:
 
 def sampling_tensors(rows: Sequence[LogitsRow | None], eos_ids: set[int]) -> SamplingTensors:
     """Per-row sampling inputs of a step. Padding and prompt-logprob rows are
-    greedy and unused. A request's counter counts its pending token; EOS and
-    stop ids are banned until min_tokens is reached."""
-    params, counters, seeds, bans = [], [], [], []
+    greedy and unused, without penalties. A request's counter counts its
+    pending token; EOS and stop ids are banned until min_tokens is reached.
+    Penalties: the request's sparse row (penalties.py); a row whose input
+    token is the pending one (position past the known tokens) has the device
+    count that token. No row with entries: width 0, the ordinary programs."""
+    params, counters, seeds, bans, pens = [], [], [], [], []
     for row in rows:
         if row is None or row.target >= 0:
             params.append(_GREEDY_ROW)
             counters.append(0)
             seeds.append(0)
             bans.append(None)
+            pens.append(None)
             continue
         r: Request = row.request
         p = r.params
@@ -398,5 +427,10 @@ def sampling_tensors(rows: Sequence[LogitsRow | None], eos_ids: set[int]) -> Sam
         seeds.append(r.seed)
         bans.append(sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else eos_ids))
                     if generated < p.min_tokens else None)
+        pens.append(request_row(r, pending=row.position >= len(r.tokens))
+                    if p.has_penalties else None)
     width = bucket(max((len(b) for b in bans if b), default=0), MIN_BANNED)
-    return make_sampling_tensors(params, counters, bans, seeds=seeds, banned_width=width)
+    live = [pr for pr in pens if pr is not None and (len(pr.ids) or pr.pending)]
+    pen_width = bucket(max(len(pr.ids) for pr in live), MIN_PENALTY) if live else 0
+    return make_sampling_tensors(params, counters, bans, seeds=seeds, banned_width=width,
+                                 penalty_rows=pens, penalty_width=pen_width)

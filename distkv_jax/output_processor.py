@@ -5,12 +5,16 @@ The output processor owns each live request's text and logprobs; the tokens
 themselves live once, in the request record. `on_token` is called after the
 scheduler appended a sampled token and returns the final status when that
 token ends the request.
+
+Parallel sampling (n > 1): each sequence is a request record of its own here;
+`make_group_output` gathers the n of them into the one RequestOutput of the
+submitted request (CompletionOutput.index = the sequence's index).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from .outputs import CompletionOutput, Logprob, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .request import Request, RequestStatus
 
 
@@ -116,20 +120,65 @@ class OutputProcessor:
             st.text_exact = False
 
     # ------------------------------------------------------------ outputs
-    def make_output(self, req: Request) -> RequestOutput:
-        """The request's output so far (final once it finished; its state is
-        released then)."""
+    def _completion(self, req: Request, release: bool) -> tuple[CompletionOutput, _OutputState]:
+        """The sequence's CompletionOutput so far; its state is released
+        with `release` (the request's final output)."""
         finished = req.is_finished
-        st = self._state.pop(req.request_id, None) if finished else self._state.get(req.request_id)
+        st = self._state.pop(req.request_id, None) if release else self._state.get(req.request_id)
         if st is None:  # refused at submission: it never had output state
             st = _OutputState()
         self._refresh_text(req, st, exact=finished or bool(req.params.stop))
         comp = CompletionOutput(
-            index=0, text=st.text, token_ids=req.output_token_ids,
+            index=req.index, text=st.text, token_ids=req.output_token_ids,
             cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
             logprobs=list(st.logprobs) if st.logprobs is not None else None,
             finish_reason=req.status.finish_reason, stop_reason=req.stop_reason)
+        return comp, st
+
+    def make_output(self, req: Request) -> RequestOutput:
+        """The request's output so far (final once it finished; its state is
+        released then)."""
+        finished = req.is_finished
+        comp, st = self._completion(req, finished)
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             prompt_logprobs=list(st.prompt_logprobs) if st.prompt_logprobs is not None else None,
-            outputs=[comp], finished=finished, metrics=req.metrics, error=req.error)
+            outputs=[comp], finished=finished, metrics=req.metrics, error=req.error,
+            num_cached_tokens=max(req.num_cached_tokens, 0))
+
+    def make_group_output(self, request_id: str, seqs: list[Request], finished: bool
+                          ) -> RequestOutput:
+        """An n > 1 request's output so far: one CompletionOutput per
+        sequence (`seqs`, by index), cumulative; final (and every sequence's
+        state released) once all of them finished. Prompt logprobs and the
+        prefix-cache hit are sequence 0's (the prompt is shared); metrics
+        span the sequences (first scheduled / first token: the earliest;
+        last token / finished: the latest)."""
+        comps, first_st = [], None
+        for req in seqs:
+            comp, st = self._completion(req, finished)
+            comps.append(comp)
+            if first_st is None:
+                first_st = st
+        s0 = seqs[0]
+        return RequestOutput(
+            request_id=request_id, prompt=s0.prompt, prompt_token_ids=s0.prompt_token_ids,
+            prompt_logprobs=(list(first_st.prompt_logprobs)
+                             if first_st.prompt_logprobs is not None else None),
+            outputs=comps, finished=finished, metrics=_group_metrics(seqs, finished),
+            error=next((r.error for r in seqs if r.error is not None), None),
+            num_cached_tokens=max(s0.num_cached_tokens, 0))
+
+
+def _group_metrics(seqs: list[Request], finished: bool) -> RequestMetrics:
+    def pick(name: str, f):
+        vals = [getattr(r.metrics, name) for r in seqs]
+        vals = [v for v in vals if v is not None]
+        return f(vals) if vals else None
+
+    return RequestMetrics(
+        arrival_time=seqs[0].metrics.arrival_time,
+        first_scheduled_time=pick("first_scheduled_time", min),
+        first_token_time=pick("first_token_time", min),
+        last_token_time=pick("last_token_time", max),
+        finished_time=pick("finished_time", max) if finished else None)

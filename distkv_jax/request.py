@@ -75,6 +75,7 @@ class Request:
     instance: int = -1
     num_computed: int = 0           # tokens whose KV is cached
     prompt_logprobs_done: int = 1   # prompt positions whose logprob is recorded (first has none)
+    block_hashes: list = dataclasses.field(default_factory=list)  # prefix-hash chain (KV manager's)
     num_cached_tokens: int = -1     # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
     preemptions: int = 0
     # Overlapped steps: a token sampled by the step in flight is not in

@@ -116,6 +116,7 @@ class Scheduler:
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already live")
         req.status = WAITING
+        req.block_hashes = []                   # its own chain (records may be copies)
         self.requests[req.request_id] = req
 
     def has_unfinished(self) -> bool:
@@ -227,10 +228,13 @@ class Scheduler:
                 leader = r.fork_of
                 if leader is not None and not leader.is_finished and not self._forkable(leader, r):
                     continue                    # a sibling sequence waits for its leader's prompt
+                if leader is None and not r.wants_prompt_logprobs and \
+                        self.kv.awaits_prefix(r.tokens, r.block_hashes):
+                    continue                    # its next prefix block is being computed: wait for it
                 inst = self._choose_instance(load, rows_left, leader)
                 if inst is None:
                     break
-                r.instance = self.kv.admit(r.request_id, inst)
+                r.instance = self.kv.admit(r.request_id, inst, r.block_hashes)
                 r.status = RUNNING
                 if leader is not None and not leader.is_finished and \
                         self.kv.fork(r.request_id, leader.request_id, r.prompt_len - 1):

@@ -267,3 +267,49 @@ def test_fork_shares_full_blocks_and_copies_partial(policy):
     assert plan.forks.pairs == ((pb[2], cb[2]),)
     m.admit("d", 1)
     assert m.fork("d", "p", 9) is (policy == "distributed")
+
+
+def test_a_prefix_being_computed_is_awaited_not_computed_twice():
+    cfg = KVCacheConfig(2, 8, block_size=4, enable_prefix_caching=True)
+    m = KVCacheManager(cfg)
+    doc = list(range(50, 70))                       # 5 full blocks
+    m.admit("a", 0)
+    assert m.reuse_prefix("a", doc) == 0            # a computes the document: promised
+    question = doc[:12] + [1, 2, 3]
+    chain: list = []
+    assert m.awaits_prefix(question, chain)         # its first uncached block is a's
+    assert not m.awaits_prefix([9, 9, 9, 9, 9], [])  # nothing of it is being computed
+    m.grow("a", 8)
+    m.register("a", doc)                            # two blocks done; the third still promised
+    assert m.awaits_prefix(question, chain)
+    m.grow("a", 12)
+    m.register("a", doc)
+    assert not m.awaits_prefix(question, chain)     # all cached: admit it now
+    m.admit("b", 1, chain)
+    assert m.reuse_prefix("b", question) == 12
+    # a preempted (or finished) request's promises are withdrawn
+    m.admit("c", 1)
+    m.reuse_prefix("c", [7] * 9)
+    assert m.awaits_prefix([7] * 6, [])
+    m.preempt("c")
+    assert not m.awaits_prefix([7] * 6, [])
+    local = KVCacheManager(KVCacheConfig(2, 8, block_size=4, kv_policy="local",
+                                         enable_prefix_caching=True))
+    local.admit("a", 0)
+    local.reuse_prefix("a", doc)
+    assert not local.awaits_prefix(question, [])     # local: it may land elsewhere anyway
+
+
+def test_reset_prefix_cache_drops_unread_blocks_only():
+    m = KVCacheManager(KVCacheConfig(1, 6, block_size=2, enable_prefix_caching=True))
+    for rid in ("a", "b"):
+        m.admit(rid, 0)
+        m.grow(rid, 4)
+        m.register(rid, [1, 2, 3, 4] if rid == "a" else [5, 6, 7, 8])
+    m.finish("a")
+    assert m.num_cached_blocks().tolist() == [2]
+    assert m.reset_prefix_cache() is False          # b's blocks are read: kept
+    assert m.num_cached_blocks().tolist() == [0] and m.free_device_blocks().tolist() == [4]
+    m.finish("b")
+    assert m.reset_prefix_cache() is True
+    assert m.gm.managers[0].num_unused == 6

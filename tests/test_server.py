@@ -150,6 +150,21 @@ def test_token_id_prompts_echo_and_logprobs_equal_transformers(client, hf):
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 6
 
 
+def test_penalties_and_logit_bias_are_honoured(client, hf):
+    """OpenAI's penalties, vLLM's repetition_penalty and logit_bias reach the
+    engine: a +100 bias forces its token; a batch mixing penalties is fine."""
+    _, tok = hf
+    r = client.completions.create(model=NAME, prompt=[40, 41, 7, 40, 41], max_tokens=4,
+                                  temperature=0, presence_penalty=0.5, frequency_penalty=-0.5,
+                                  logit_bias={"77": 100},
+                                  extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
+    assert r.choices[0].text == tok.decode([77] * 4)
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=3, temperature=0, logit_bias={"78": 100},
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == tok.decode([78] * 3, skip_special_tokens=True)
+
+
 def test_streamed_deltas_concatenate_to_the_non_streamed_text(client):
     kw = dict(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0.8, seed=7,
               stop=[" the"], extra_body={"ignore_eos": True})
@@ -199,6 +214,82 @@ def test_chat_prompt_is_the_chat_template_and_streams(client, hf):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+# ------------------------------------------------- parallel sampling (n > 1)
+def _chunks_by_choice(chunks, field):
+    """{choice index: (concatenated text, finish reasons in order)}."""
+    got = {}
+    for ch in chunks:
+        for c in ch.choices:
+            text, reasons = got.get(c.index, ("", []))
+            piece = getattr(c, field) if field == "text" else (c.delta.content or "")
+            got[c.index] = (text + piece, reasons + [c.finish_reason])
+    return got
+
+
+def test_completions_n_gives_prompt_major_choices_each_its_own_seed(client):
+    prompts = [PROMPTS[1], PROMPTS[2]]
+    kw = dict(model=NAME, max_tokens=6, temperature=1.0, seed=21, extra_body={"ignore_eos": True})
+    r = client.completions.create(prompt=prompts, n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in r.choices)
+    # choice p*n + i is prompt p's sequence i: the n=1 run with seed 21 + i
+    prompt_tokens = 0
+    for p, prompt in enumerate(prompts):
+        for i in range(2):
+            one = client.completions.create(prompt=prompt, **dict(kw, seed=21 + i))
+            assert r.choices[p * 2 + i].text == one.choices[0].text
+        prompt_tokens += one.usage.prompt_tokens
+    # the prompts count once each; the completions of every choice
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == 4 * 6
+    stream = list(client.completions.create(prompt=prompts, n=2, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    got = _chunks_by_choice(stream, "text")
+    assert sorted(got) == [0, 1, 2, 3]
+    for c in r.choices:
+        text, reasons = got[c.index]
+        assert text == c.text
+        assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
+    assert stream[-1].usage.completion_tokens == 24
+    assert stream[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_completions_n_with_echo_logprobs_and_stop_strings_stream_like_the_whole(client):
+    kw = dict(model=NAME, prompt=[40, 41, 300, 7], n=3, max_tokens=8, temperature=0.9, seed=5,
+              echo=True, logprobs=1, stop=[" the", "e"], extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    stream = list(client.completions.create(stream=True, **kw))
+    got = _chunks_by_choice(stream, "text")
+    for c in whole.choices:
+        assert got[c.index][0] == c.text and got[c.index][1][-1] == c.finish_reason
+        assert c.logprobs.token_logprobs[0] is None  # the echoed prompt's first token
+        assert len(c.logprobs.tokens) >= 4
+    toks = {}
+    for ch in stream:
+        for c in ch.choices:
+            if c.logprobs is not None:
+                toks.setdefault(c.index, []).extend(c.logprobs.token_logprobs)
+    for c in whole.choices:
+        assert toks[c.index] == pytest.approx(c.logprobs.token_logprobs, abs=1e-6)
+
+
+def test_chat_n_streams_every_choice(client):
+    messages = [{"role": "user", "content": "Say hello to the world."}]
+    kw = dict(model=NAME, messages=messages, n=2, max_tokens=7, temperature=1.0, seed=3,
+              extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert whole.usage.completion_tokens == 14
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    roles = [c.index for ch in chunks for c in ch.choices if c.delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    got = _chunks_by_choice(chunks, "delta")
+    for c in whole.choices:
+        text, reasons = got[c.index]
+        assert text == c.message.content and reasons[-1] == "length"
+        assert reasons.count("length") == 1
+
+
 # ----------------------------------------------------------------- errors
 def _post(url, body, **kw):
     return httpx.post(url + "/v1/completions", content=body if isinstance(body, bytes)
@@ -219,9 +310,15 @@ def _error(r, status):
     ({"prompt": ""}, "prompt", "empty prompt"),
     ({"prompt": []}, "prompt", "empty"),
     ({"prompt": [3, 512]}, "prompt", "outside the vocabulary"),
-    ({"prompt": "hi", "n": 2}, "n", "n=2"),
-    ({"prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
-    ({"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
+    ({"prompt": "hi", "n": 0}, "n", "n=0"),
+    ({"prompt": "hi", "n": 2, "best_of": 3}, "best_of", "best_of=3"),
+    ({"prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty", "in [-2, 2]"),
+    ({"prompt": "hi", "presence_penalty": -3}, "presence_penalty", "in [-2, 2]"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty", "in (0, 2]"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias", "in [-100, 100]"),
+    ({"prompt": "hi", "logit_bias": {"five": 1}}, "logit_bias", "token ids"),
+    # the engine's own checks answer with the prompt's param, as max_logprobs does
+    ({"prompt": "hi", "logit_bias": {"100000": 1}}, "prompt", "logit_bias: token id 100000"),
     ({"prompt": "hi", "logprobs": 999}, "prompt", "max_logprobs"),
     ({"prompt": "hi", "max_tokens": 100000}, "max_tokens", "context limit"),
 ])
@@ -306,7 +403,8 @@ _field_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 40),
 _fields = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p",
                            "seed", "stop", "n", "logprobs", "echo", "stream", "min_tokens",
                            "stop_token_ids", "ignore_eos", "stream_options", "model", "user",
-                           "logit_bias", "messages", "best_of", "bogus"])
+                           "logit_bias", "messages", "best_of", "bogus", "presence_penalty",
+                           "frequency_penalty", "repetition_penalty"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

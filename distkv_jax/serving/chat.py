@@ -2,7 +2,9 @@
 
 The prompt is the model's chat template (or --chat_template) applied to
 `messages` with the generation prompt added. A streamed answer sends the
-assistant role first, then content deltas, then the finish reason.
+assistant role first, then content deltas, then the finish reason; with
+n > 1, each choice (index 0..n-1) gets its own role chunk, deltas and
+finish reason, as vLLM sends them.
 """
 
 from __future__ import annotations
@@ -69,22 +71,25 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
     out = None
     async for d in merged([gen]):
         out = d.output
-    c = out.outputs[0]
-    logprobs = None
-    if k is not None:
-        logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs or [], k)}
-    choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
-              "logprobs": logprobs, "finish_reason": c.finish_reason,
-              "stop_reason": c.stop_reason}
-    return dict(head, choices=[choice], usage=usage(len(ids), len(c.token_ids)))
+    choices = []
+    for c in out.outputs:
+        logprobs = None
+        if k is not None:
+            logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs or [], k)}
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs, "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason})
+    return dict(head, choices=choices,
+                usage=usage(len(ids), sum(len(c.token_ids) for c in out.outputs)))
 
 
 async def _stream(req: ChatCompletionRequest, gen: Generation, head: dict, lp_part
                   ) -> AsyncIterator[str]:
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     extra = {"usage": None} if include_usage else {}
-    yield sse(dict(head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}], **extra))
+    for i in range(gen.params.n):
+        yield sse(dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}], **extra))
     tokens = 0
     every = include_usage and req.stream_options.usage_every_chunk()
     async for d in merged([gen]):
@@ -92,7 +97,7 @@ async def _stream(req: ChatCompletionRequest, gen: Generation, head: dict, lp_pa
         delta = {"content": d.text} if d.text or d.finish_reason is None else {}
         if every:
             extra = {"usage": usage(len(gen.prompt_ids), tokens)}
-        yield sse(dict(head, choices=[{"index": 0, "delta": delta, "logprobs": lp_part(d),
+        yield sse(dict(head, choices=[{"index": d.index, "delta": delta, "logprobs": lp_part(d),
                                        "finish_reason": d.finish_reason,
                                        "stop_reason": d.stop_reason}], **extra))
     if include_usage:

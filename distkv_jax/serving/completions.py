@@ -1,10 +1,12 @@
 """POST /v1/completions: OpenAI's legacy completion API (vLLM's shapes).
 
 A batch request (a list of prompts) becomes one engine request per prompt;
-choice `index` is the prompt's position. `logprobs=k` answers OpenAI's form
-(tokens, token_logprobs, top_logprobs, text_offset); with `echo` the prompt
-comes first in the text and, with logprobs, in those lists too (its first
-token has no logprob: nothing predicts it).
+with n > 1 each engine request samples n sequences, and choice `index` is
+prompt index * n + sequence index (OpenAI's and vLLM's numbering).
+`logprobs=k` answers OpenAI's form (tokens, token_logprobs, top_logprobs,
+text_offset); with `echo` the prompt comes first in each choice's text and,
+with logprobs, in those lists too (its first token has no logprob: nothing
+predicts it).
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ async def create_completion(state: ServerState, req: CompletionRequest):
         return prompts[i] if isinstance(prompts[i], str) else decode(ids[i])
 
     head = {"id": rid, "object": "text_completion", "created": now_s(), "model": state.config.model_name}
-    offsets = [_Offsets() for _ in gens]
+    n = params.n
+    offsets = [_Offsets() for _ in range(len(gens) * n)]   # per choice
 
-    def echo_part(i: int, prompt_lps) -> tuple[str, Optional[dict]]:
+    def echo_part(choice: int, prompt_lps) -> tuple[str, Optional[dict]]:
+        i = choice // n
         lp = None
         if req.logprobs is not None:
-            lp = offsets[i].logprobs(ids[i], prompt_lps or [None] * len(ids[i]),
-                                     lambda t: decode([t]))
+            lp = offsets[choice].logprobs(ids[i], prompt_lps or [None] * len(ids[i]),
+                                          lambda t: decode([t]))
         return prompt_text(i), lp
 
     def delta_logprobs(d: Delta) -> Optional[dict]:
@@ -89,24 +93,25 @@ async def create_completion(state: ServerState, req: CompletionRequest):
         return _stream(req, gens, head, echo_part, delta_logprobs)
 
     finals = {}
-    texts = ["" for _ in gens]
-    lps: list[Optional[dict]] = [None for _ in gens]
     async for d in merged(gens):
         if d.output.finished:
-            finals[d.index] = d.output
+            finals[d.prompt_index] = d.output
     choices = []
-    for i, g in enumerate(gens):
+    for i in range(len(gens)):
         out = finals[i]
-        c = out.outputs[0]
-        if req.echo:
-            texts[i], lps[i] = echo_part(i, out.prompt_logprobs)
-        if req.logprobs is not None:
-            lps[i] = _merge_logprobs(lps[i], offsets[i].logprobs(
-                c.token_ids, c.logprobs or [], lambda t: decode([t])))
-        choices.append({"index": i, "text": texts[i] + c.text, "logprobs": lps[i],
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        for c in out.outputs:
+            k = i * n + c.index
+            text, lp = "", None
+            if req.echo:
+                text, lp = echo_part(k, out.prompt_logprobs)
+            if req.logprobs is not None:
+                lp = _merge_logprobs(lp, offsets[k].logprobs(
+                    c.token_ids, c.logprobs or [], lambda t: decode([t])))
+            choices.append({"index": k, "text": text + c.text, "logprobs": lp,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return dict(head, choices=choices, usage=usage(
-        sum(len(x) for x in ids), sum(len(finals[i].outputs[0].token_ids) for i in finals)))
+        sum(len(x) for x in ids),
+        sum(len(c.token_ids) for out in finals.values() for c in out.outputs)))
 
 
 async def _stream(req: CompletionRequest, gens, head, echo_part, delta_logprobs

@@ -7,6 +7,9 @@ strings the last (longest stop string - 1) characters are held back: they
 may be the start of a stop string, which the final text will not contain
 (vLLM does the same). So the streamed deltas always concatenate to the final
 text.
+
+With n > 1 (parallel sampling) the engine request carries n sequences, and
+each is a choice of its own: its own deltas, holdback and finish reason.
 """
 
 from __future__ import annotations
@@ -26,28 +29,55 @@ from .protocol import APIError
 
 @dataclass(frozen=True)
 class Delta:
-    index: int                        # the prompt's index in a batch request
+    index: int                        # the choice's index: prompt index * n + sequence index
     text: str
     token_ids: list[int]
     logprobs: Optional[list]          # new per-token logprob dicts (when asked for)
     finish_reason: Optional[str]
     stop_reason: Optional[int | str]
-    output: RequestOutput             # the latest cumulative output
+    output: RequestOutput             # the latest cumulative output (every sequence)
+    prompt_index: int = 0             # the prompt's index in a batch request
+
+
+class _Choice:
+    """What one sequence (one choice) has streamed so far."""
+
+    __slots__ = ("text", "num_tokens", "num_logprobs", "last", "done")
+
+    def __init__(self):
+        self.text, self.num_tokens, self.num_logprobs = "", 0, 0
+        self.last: float | None = None   # when its last tokens came
+        self.done = False                # its finish_reason was sent
 
 
 class Generation:
+    """One engine request. With n > 1 (parallel sampling) its outputs hold n
+    sequences; each is a choice with its own deltas (index = the prompt's
+    index * n + the sequence's index, as OpenAI and vLLM number them) and
+    its own final delta (with its finish_reason)."""
+
     def __init__(self, llm: AsyncLLM, metrics: ServerMetrics, index: int, prompt_ids: list[int],
                  params: SamplingParams, request_id: str, on_submit=None):
         self.llm, self.metrics, self.index, self.on_submit = llm, metrics, index, on_submit
         self.prompt_ids, self.params, self.request_id = prompt_ids, params, request_id
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
-        self.text, self.num_tokens, self.num_logprobs = "", 0, 0
+        self.choices = [_Choice() for _ in range(params.n)]
         self.final: RequestOutput | None = None
+        # n > 1 with prompt logprobs: sequence 0 computes them, and another
+        # sequence may gain tokens first; hold every delta until they are
+        # all there, so that each delta's output carries them complete
+        self._await_prompt_lps = params.n > 1 and params.prompt_logprobs is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated so far, every choice together."""
+        return sum(c.num_tokens for c in self.choices)
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The request's deltas; the last has a finish_reason. An engine
-        refusal before any output raises APIError(400)."""
-        t0 = last = time.monotonic()
+        """The request's deltas, choice by choice; each choice's last has
+        its finish_reason. An engine refusal before any output raises
+        APIError(400)."""
+        t0 = time.monotonic()
         first = True
         gen = self.llm.generate(self.prompt_ids, self.params, self.request_id)
         if self.on_submit is not None:
@@ -58,37 +88,53 @@ class Generation:
         try:
             async for out in gen:
                 now = time.monotonic()
-                c = out.outputs[0]
-                if c.finish_reason == "error" and self.num_tokens == 0:
+                if self.num_tokens == 0 and any(c.finish_reason == "error" for c in out.outputs):
                     self.final = out
                     self.metrics.finished("error", out)
                     raise APIError(400, out.error or "the request was refused", None)
-                new_ids = c.token_ids[self.num_tokens:]
-                if new_ids:
-                    if first:
-                        self.metrics.ttft.observe(now - t0)
-                        first = False
-                    else:
-                        for _ in new_ids:
-                            self.metrics.itl.observe((now - last) / len(new_ids))
-                    last = now
-                full = c.text
-                visible = full if out.finished or not self.holdback else \
-                    full[:max(len(self.text), len(full) - self.holdback)]
-                delta = visible[len(self.text):] if visible.startswith(self.text) else ""
-                self.text += delta
-                lps = None
-                if c.logprobs is not None:
-                    lps = c.logprobs[self.num_logprobs:]
-                    self.num_logprobs = len(c.logprobs)
-                self.num_tokens = len(c.token_ids)
+                if self._await_prompt_lps and not out.finished:
+                    pl = out.prompt_logprobs
+                    if pl is None or len(pl) < len(self.prompt_ids):
+                        continue
+                    self._await_prompt_lps = False
+                deltas = []
+                for c in out.outputs:
+                    ch = self.choices[c.index]
+                    if ch.done:
+                        continue
+                    new_ids = c.token_ids[ch.num_tokens:]
+                    if new_ids:
+                        if first:
+                            self.metrics.ttft.observe(now - t0)
+                            first = False
+                        elif ch.last is not None:
+                            for _ in new_ids:
+                                self.metrics.itl.observe((now - ch.last) / len(new_ids))
+                        ch.last = now
+                    done = c.finish_reason is not None
+                    full = c.text
+                    visible = full if done or not self.holdback else \
+                        full[:max(len(ch.text), len(full) - self.holdback)]
+                    delta = visible[len(ch.text):] if visible.startswith(ch.text) else ""
+                    ch.text += delta
+                    lps = None
+                    if c.logprobs is not None:
+                        lps = c.logprobs[ch.num_logprobs:]
+                        ch.num_logprobs = len(c.logprobs)
+                    ch.num_tokens = len(c.token_ids)
+                    if done:  # counted per sequence (vLLM counts each child request)
+                        queued = not any(x.done for x in self.choices)  # once per request
+                        ch.done = True
+                        self.metrics.finished(c.finish_reason, out if queued else None)
+                    if delta or new_ids or done:
+                        deltas.append(Delta(self.index * len(self.choices) + c.index, delta,
+                                            list(new_ids), lps, c.finish_reason, c.stop_reason,
+                                            out, self.index))
                 if out.finished:
                     self.final = out
-                    self.metrics.finished(c.finish_reason, out)
                     self.metrics.e2e.observe(now - t0)
-                if delta or new_ids or out.finished:
-                    yield Delta(self.index, delta, list(new_ids), lps, c.finish_reason,
-                                c.stop_reason, out)
+                for d in deltas:
+                    yield d
                 if out.finished:
                     return
         except EngineDeadError as e:
@@ -96,7 +142,9 @@ class Generation:
         finally:
             await gen.aclose()  # an early exit (disconnect) aborts the request now
             if self.final is None:  # cancelled (the client went away): aborted
-                self.metrics.finished("abort", None)
+                for ch in self.choices:
+                    if not ch.done:
+                        self.metrics.finished("abort", None)
 
     def release(self) -> None:
         """A generation that never started still gives back its admission."""

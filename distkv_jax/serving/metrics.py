@@ -83,6 +83,29 @@ class _EngineCollector:
         yield gauge("max_request_instances",
                     "The most instances whose blocks one running request's KV spans now.",
                     s["max_request_instances"])
+        queries = CounterMetricFamily(
+            P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache, by the "
+            "instance of the querying request.", labels=["model_name", "instance"])
+        hits = CounterMetricFamily(
+            P + "prefix_cache_hits", "Prompt tokens found in the prefix cache, by the instance "
+            "of the querying request; scope=local: blocks held by that instance, remote: blocks "
+            "held by another instance and read in place.",
+            labels=["model_name", "instance", "scope"])
+        cached = GaugeMetricFamily(P + "prefix_cache_blocks", "Evictable prefix-cache blocks "
+                                   "(no reader) per instance.", labels=["model_name", "instance"])
+        evicted = CounterMetricFamily(P + "prefix_cache_evictions", "Prefix-cache blocks evicted "
+                                      "to make room, per instance.", labels=["model_name", "instance"])
+        for i, q in enumerate(s["prefix_cache_queries"]):
+            queries.add_metric(m + [str(i)], q)
+            remote = s["prefix_cache_hits_remote"][i]
+            hits.add_metric(m + [str(i), "local"], s["prefix_cache_hits"][i] - remote)
+            hits.add_metric(m + [str(i), "remote"], remote)
+            cached.add_metric(m + [str(i)], s["prefix_cache_blocks"][i])
+            evicted.add_metric(m + [str(i)], s["prefix_cache_evictions"][i])
+        yield queries
+        yield hits
+        yield cached
+        yield evicted
         st = s["stats"]
         for name, key, doc in (
                 ("num_preemptions", "preemptions", "Requests preempted (host swap or recompute)."),

@@ -2,7 +2,7 @@
 
 Requests are parsed strictly: a field of the wrong type, or a field this
 server does not know, is a 400 that names it. Fields the engine cannot
-honour yet (n > 1, penalties, logit_bias, best_of, suffix) are refused with
+honour yet (best_of != n, suffix) are refused with
 a message saying so rather than silently ignored. Value checks (ranges,
 limits) are SamplingParams' and the engine's own, so the API and the Python
 entry points refuse the same things with the same words.
@@ -89,18 +89,6 @@ class _SamplingFields(_Strict):
 
     def unsupported(self) -> None:
         """Refuse what the engine cannot do yet (never silently ignore it)."""
-        if self.n != 1:
-            raise bad_request(f"n={self.n}: only n=1 is supported (parallel sampling comes with "
-                              "the prefix cache)", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if v not in (None, 0.0):
-                raise bad_request(f"{name}={v}: penalties are not supported yet (only 0)", name)
-        if self.repetition_penalty not in (None, 1.0):
-            raise bad_request(f"repetition_penalty={self.repetition_penalty}: penalties are not "
-                              "supported yet (only 1.0)", "repetition_penalty")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
@@ -116,7 +104,12 @@ class _SamplingFields(_Strict):
                 stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
+                frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
+                repetition_penalty=(1.0 if self.repetition_penalty is None
+                                    else self.repetition_penalty),
+                logit_bias=self.logit_bias)
         except ValueError as e:
             msg = str(e).removeprefix("SamplingParams.")
             raise bad_request(msg, msg.split("=", 1)[0]) from None
@@ -132,8 +125,9 @@ class CompletionRequest(_SamplingFields):
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.best_of not in (None, 1, self.n):
-            raise bad_request(f"best_of={self.best_of}: only best_of=n is supported", "best_of")
+        if self.best_of is not None and self.best_of != self.n:  # vLLM v1: best_of = n only
+            raise bad_request(f"best_of={self.best_of}: only best_of=n (n={self.n}) is supported",
+                              "best_of")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
 
