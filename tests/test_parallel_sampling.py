@@ -146,3 +146,34 @@ def test_refused_n_request_gives_one_error_output(llm):
     assert len(outs[0].outputs) == 1 and outs[0].outputs[0].finish_reason == "error"
     assert "outside the vocabulary" in outs[0].error
     assert [c.finish_reason for c in outs[1].outputs] == ["length", "length"]
+
+
+def test_sequences_fork_from_sequence_0_without_the_cache(monkeypatch):
+    """With the prefix cache off, sequences 1..n-1 still share sequence 0's
+    prompt blocks: a fork shares the full blocks and copies the partial one,
+    and the outputs equal the single runs."""
+    llm = LLM("tiny", mesh="2x1", block_size=4, kv_blocks=16, max_num_batched_tokens=32,
+              warm_start=False, enable_prefix_caching=False)
+    eng = llm.engine
+    forks, copies = [], []
+    real_fork, real_copy = eng.kv.fork, eng.runner.copy_kv
+
+    def fork(child, parent, n):
+        ok = real_fork(child, parent, n)
+        forks.append((ok, n, len(eng.kv.block_ids(child))))
+        return ok
+
+    def copy_kv(kvp):
+        copies.extend(kvp.forks.pairs)
+        return real_copy(kvp)
+
+    monkeypatch.setattr(eng.kv, "fork", fork)
+    monkeypatch.setattr(eng.runner, "copy_kv", copy_kv)
+    out = llm.generate([PROMPT], sp(n=3, seed=5))[0]
+    # 11 prompt tokens: 10 forked (2 full blocks of 4 shared, 2 tokens copied)
+    assert forks == [(True, 10, 3), (True, 10, 3)]
+    assert len(copies) == 2
+    singles = llm.generate([PROMPT] * 3, [sp(seed=5 + i) for i in range(3)])
+    assert [c.token_ids for c in out.outputs] == [s.outputs[0].token_ids for s in singles]
+    assert all(o.num_cached_tokens == 0 for o in singles)
+    check_all_free(eng.kv)
