@@ -114,6 +114,11 @@ class BlockManager:
         """Blocks this instance could lend right now."""
         return max(0, min(self.num_free, self.lend_cap - self.lent))
 
+    @property
+    def lendable_unused(self) -> int:
+        """Blocks this instance could lend without evicting a cached prefix."""
+        return max(0, min(self.num_unused, self.lend_cap - self.lent))
+
     def free_blocks(self) -> np.ndarray:
         """Global ids of the free-list blocks, ascending."""
         return self._free.free_indices() + self.base

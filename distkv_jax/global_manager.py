@@ -3,7 +3,9 @@
 ``ledger[d, c]`` is the number of instance ``c``'s blocks held by requests
 homed on instance ``d`` (debtor ``d`` owes creditor ``c``). Allocation is
 local first; the rest is borrowed from the creditor with the most lendable
-blocks, ties to the lowest instance id, repeatedly, until served. Allocation
+blocks, ties to the lowest instance id, repeatedly, until served. Free
+blocks come before evictable cached ones: first the home's and the
+creditors' free lists, then the home's cache, then the creditors'. Allocation
 is all-or-nothing: if the blocks cannot all be found nothing is taken.
 
 Shared blocks (prefix-cache hits, forks) are charged to no debtor: see
@@ -57,20 +59,30 @@ class GlobalManager:
         if self.available_for(debtor) < n:
             return None
         home = self.managers[debtor]
-        k = min(n, home.num_free)
-        out = home.allocate_local(k)
-        rem = n - k
-        while rem > 0:
-            lend = self.lendable_counts()
-            lend[debtor] = -1
-            creditor = int(np.argmax(lend))  # first max: ties go to the lowest id
-            take = min(rem, int(lend[creditor]))
-            got = self.managers[creditor].allocate_remote(debtor, take)
-            if got is None or take <= 0:  # cannot happen after the check above
-                raise RuntimeError("gManager: creditor refused a checked loan")
-            self.ledger[debtor, creditor] += take
-            out.extend(got)
-            rem -= take
+        out: list[int] = []
+        # Free-list blocks first, the home's then lent ones; cached prefixes
+        # are evicted only when no instance in reach has a free block: a
+        # borrowed block costs a remote partial, an evicted prefix a prefill.
+        for evict in (False, True):
+            k = min(n - len(out), home.num_free if evict else home.num_unused)
+            out.extend(home.allocate_local(k))
+            if self.config.kv_policy == "local":
+                continue
+            while len(out) < n:
+                lend = np.asarray([m.lendable if evict else m.lendable_unused
+                                   for m in self.managers], dtype=np.int64)
+                lend[debtor] = -1
+                creditor = int(np.argmax(lend))  # first max: ties go to the lowest id
+                take = min(n - len(out), int(lend[creditor]))
+                if take <= 0:
+                    break
+                got = self.managers[creditor].allocate_remote(debtor, take)
+                if got is None:  # cannot happen: take <= lendable
+                    raise RuntimeError("gManager: creditor refused a checked loan")
+                self.ledger[debtor, creditor] += take
+                out.extend(got)
+        if len(out) != n:  # cannot happen after the check above
+            raise RuntimeError(f"gManager: found {len(out)} of {n} checked blocks")
         return out
 
     def free(self, debtor: int, global_ids: Sequence[int]) -> None:

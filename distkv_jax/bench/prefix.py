@@ -58,9 +58,9 @@ CONFIGS = ("mesh", "instance", "none")
 
 def define_flags() -> None:
     flags.DEFINE_integer("instances", 8, "instances (mesh Ix1)")
-    flags.DEFINE_integer("kv_blocks", 32, "KV blocks per instance")
+    flags.DEFINE_integer("kv_blocks", 64, "KV blocks per instance")
     flags.DEFINE_integer("block_size", 16, "tokens per KV block")
-    flags.DEFINE_list("doc_factors", ["2.5", "0.5"], "document lengths, in instances' KV")
+    flags.DEFINE_list("doc_factors", ["3.5", "0.5"], "document lengths, in instances' KV")
     flags.DEFINE_integer("docs", 2, "documents per stream")
     flags.DEFINE_integer("questions", 8, "questions per document")
     flags.DEFINE_integer("question_len", 24, "tokens of a question (after its document)")

@@ -1,0 +1,33 @@
+"""`python -m distkv_jax.bench prefix --quick`: the three configurations run
+over one stream whose document spans several instances, and the result file
+carries the comparison (the figures themselves are for the benchmark)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_prefix_quick(tmp_path):
+    out, png = tmp_path / "prefix.json", tmp_path / "prefix.png"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the bench asks for its devices
+    proc = subprocess.run(
+        [sys.executable, "-m", "distkv_jax.bench", "prefix", "--quick",
+         f"--output_json={out}", f"--output_png={png}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["bench"] == "prefix" and result["quick"]
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"mesh", "instance", "none"}
+    mesh, inst, none = rows["mesh"], rows["instance"], rows["none"]
+    assert mesh["doc_instances"] > 1                      # one document spans instances
+    assert mesh["completed"] == none["completed"] == mesh["requests"]
+    assert inst["refused"] == inst["requests"]            # too long for one instance
+    assert none["hit_rate"] == 0 and none["prefix_cache_queries"] == 0
+    # every later question found its document's full blocks, some on other instances
+    assert mesh["hit_over_ideal"] == 1.0 and mesh["prefix_cache_hits_remote"] > 0
+    assert mesh["ttft_later_s"]["n"] == mesh["requests"] - result["docs"]
+    assert png.exists()
