@@ -453,6 +453,13 @@ def request_record(e: Entry, out) -> dict:
     if comp.logprobs is not None:
         rec["cumulative_logprob"] = comp.cumulative_logprob
         rec["logprobs"] = [{str(t): lp.logprob for t, lp in d.items()} for d in comp.logprobs]
+    rec["num_cached_tokens"] = out.num_cached_tokens
+    if len(out.outputs) > 1:
+        # n > 1: every sequence; the top-level fields are sequence 0's
+        rec["generation_tokens"] = sum(len(c.token_ids) for c in out.outputs)
+        rec["choices"] = [{"index": c.index, "text": c.text, "token_ids": list(c.token_ids),
+                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                          for c in out.outputs]
     return rec
 
 

@@ -454,3 +454,17 @@ def test_sigterm_writes_metrics_and_resume_covers_both_parts(tmp_path):
     assert m["itl_s"]["count"] == parts[0]["itl_s"]["count"] + parts[1]["itl_s"]["count"]
     assert m["interrupted"] is None
     assert "parts 1-2" in p.stdout
+
+
+def test_batch_record_of_an_n_gt_1_request_holds_every_sequence():
+    from distkv_jax.launch import Entry, request_record
+    from distkv_jax.outputs import CompletionOutput, RequestOutput
+
+    outs = [CompletionOutput(i, f"t{i}", [i, i + 1], None, None, "length") for i in range(3)]
+    out = RequestOutput("r", None, [5, 6, 7], None, outs, True, num_cached_tokens=2)
+    rec = request_record(Entry(4, "r", [5, 6, 7], None), out)
+    assert rec["text"] == "t0" and rec["token_ids"] == [0, 1]       # sequence 0 at top level
+    assert rec["generation_tokens"] == 6 and rec["num_cached_tokens"] == 2
+    assert [c["index"] for c in rec["choices"]] == [0, 1, 2]
+    assert rec["choices"][2]["token_ids"] == [2, 3]
+    json.dumps(rec)
