@@ -189,6 +189,31 @@ def test_continuous_usage_stats_count_tokens_so_far(server):
     assert all(e["usage"]["prompt_tokens"] == 3 for e in events)
 
 
+def test_multi_turn_chat_reuses_its_history_from_the_prefix_cache(server, client):
+    """The second turn's prompt starts with the first turn's: its full
+    blocks come from the cache, reported in usage.prompt_tokens_details and
+    in /metrics."""
+    before = httpx.get(server.url + "/metrics").text
+    hits0 = sum(metric(before, "distkv:prefix_cache_hits_total", instance=i, scope=s)
+                for i in (0, 1) for s in ("local", "remote"))
+    history = [{"role": "user", "content": "Tell me about distributed KV caches. " * 6}]
+    r1 = client.chat.completions.create(model=NAME, messages=history, max_tokens=8,
+                                        temperature=0, extra_body={"ignore_eos": True})
+    history += [{"role": "assistant", "content": r1.choices[0].message.content},
+                {"role": "user", "content": "And then?"}]
+    r2 = client.chat.completions.create(model=NAME, messages=history, max_tokens=4,
+                                        temperature=0, extra_body={"ignore_eos": True})
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    # the first turn's full blocks (16 tokens) at least
+    assert cached >= r1.usage.prompt_tokens // 16 * 16 > 0, (cached, r1.usage)
+    assert cached % 16 == 0 and cached < r2.usage.prompt_tokens
+    after = httpx.get(server.url + "/metrics").text
+    hits = sum(metric(after, "distkv:prefix_cache_hits_total", instance=i, scope=s)
+               for i in (0, 1) for s in ("local", "remote"))
+    assert hits - hits0 >= cached
+    assert sum(metric(after, "distkv:prefix_cache_queries_total", instance=i) for i in (0, 1)) > 0
+
+
 def test_chat_prompt_is_the_chat_template_and_streams(client, hf):
     model, tok = hf
     messages = [{"role": "system", "content": "You are terse."},

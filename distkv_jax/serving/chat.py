@@ -15,7 +15,7 @@ from typing import Optional
 from ..chat_template import chat_prompt_ids, validate_messages
 from .generation import Delta, Generation, merged
 from .protocol import ChatCompletionRequest, bad_request
-from .state import SSE_DONE, ServerState, now_s, sse, usage
+from .state import SSE_DONE, ServerState, cached_tokens, now_s, sse, usage
 
 
 def _token_entry(tok: str, lp: float) -> dict:
@@ -80,7 +80,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
                         "logprobs": logprobs, "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason})
     return dict(head, choices=choices,
-                usage=usage(len(ids), sum(len(c.token_ids) for c in out.outputs)))
+                usage=usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
+                            out.num_cached_tokens))
 
 
 async def _stream(req: ChatCompletionRequest, gen: Generation, head: dict, lp_part
@@ -101,5 +102,6 @@ async def _stream(req: ChatCompletionRequest, gen: Generation, head: dict, lp_pa
                                        "finish_reason": d.finish_reason,
                                        "stop_reason": d.stop_reason}], **extra))
     if include_usage:
-        yield sse(dict(head, choices=[], usage=usage(len(gen.prompt_ids), tokens)))
+        yield sse(dict(head, choices=[], usage=usage(len(gen.prompt_ids), tokens,
+                                                     cached_tokens([gen]))))
     yield SSE_DONE

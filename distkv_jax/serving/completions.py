@@ -16,7 +16,7 @@ from typing import Optional
 
 from .generation import Delta, Generation, merged
 from .protocol import CompletionRequest
-from .state import SSE_DONE, ServerState, now_s, sse, usage
+from .state import SSE_DONE, ServerState, cached_tokens, now_s, sse, usage
 
 
 class _Offsets:
@@ -111,7 +111,8 @@ async def create_completion(state: ServerState, req: CompletionRequest):
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return dict(head, choices=choices, usage=usage(
         sum(len(x) for x in ids),
-        sum(len(c.token_ids) for out in finals.values() for c in out.outputs)))
+        sum(len(c.token_ids) for out in finals.values() for c in out.outputs),
+        sum(out.num_cached_tokens for out in finals.values())))
 
 
 async def _stream(req: CompletionRequest, gens, head, echo_part, delta_logprobs
@@ -136,5 +137,5 @@ async def _stream(req: CompletionRequest, gens, head, echo_part, delta_logprobs
             yield sse(dict(head, choices=[choice], usage=so_far))
     if include_usage:
         yield sse(dict(head, choices=[], usage=usage(sum(len(g.prompt_ids) for g in gens),
-                                                    completion_tokens)))
+                                                    completion_tokens, cached_tokens(gens))))
     yield SSE_DONE

@@ -113,6 +113,16 @@ def now_s() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage; with ``cached_tokens``, its prompt_tokens_details too
+    (prompt tokens whose KV came from the prefix cache)."""
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return u
+
+
+def cached_tokens(gens) -> int:
+    """Prompt tokens served from the prefix cache, over finished generations."""
+    return sum(g.final.num_cached_tokens for g in gens if g.final is not None)
