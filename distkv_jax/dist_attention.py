@@ -78,17 +78,23 @@ def _local_body(cfg: DistAttentionConfig):
         inst = jax.lax.axis_index(INST)
         num_layers, nb, bs, stored_heads, head_dim = k_pool.shape
         pages = num_layers * nb
-        k_pages = k_pool.reshape(pages, bs, stored_heads, head_dim)
-        v_pages = v_pool.reshape(pages, bs, stored_heads, head_dim)
 
-        # (a) write every instance's new tokens into the blocks this device holds
+        # (a) write every instance's new tokens into the blocks this device
+        # holds. The scatter goes into the pool as stored ([L, N, ...]) and the
+        # kernel reads a flattened view of the result: had the write gone
+        # through the flat view, the pool returned would be a reshape of a
+        # reshape, which XLA lays out anew when a dimension is 1 (one KV head
+        # per device: kv_heads == tp) and then copies the whole pool, twice,
+        # every step.
         k_new = jax.lax.all_gather(k[0], INST, tiled=True)        # [I*T, stored_heads, D]
         v_new = jax.lax.all_gather(v[0], INST, tiled=True)
         local = slots - inst * (nb * bs)
         mine = (slots >= 0) & (local >= 0) & (local < nb * bs)
-        page = jnp.where(mine, layer * nb + local // bs, pages)    # out of range: dropped
-        k_pages = k_pages.at[page, local % bs].set(k_new.astype(k_pages.dtype), mode="drop")
-        v_pages = v_pages.at[page, local % bs].set(v_new.astype(v_pages.dtype), mode="drop")
+        block = jnp.where(mine, local // bs, nb)                   # out of range: dropped
+        k_pool = k_pool.at[layer, block, local % bs].set(k_new.astype(k_pool.dtype), mode="drop")
+        v_pool = v_pool.at[layer, block, local % bs].set(v_new.astype(v_pool.dtype), mode="drop")
+        k_pages = k_pool.reshape(pages, bs, stored_heads, head_dim)
+        v_pages = v_pool.reshape(pages, bs, stored_heads, head_dim)
 
         # (b) every instance's queries
         q_all = jax.lax.all_gather(q[0], INST, tiled=True)        # [I*T, heads_local, D]
@@ -121,8 +127,7 @@ def _local_body(cfg: DistAttentionConfig):
         packed = packed.reshape(num_inst, q.shape[1], heads_local, head_dim + 1)
         recv = jax.lax.all_to_all(packed, INST, split_axis=0, concat_axis=0, tiled=True)
         out, _ = merge_axis(recv[..., :head_dim], recv[..., head_dim], axis=0)
-        return (out[None].astype(q.dtype),
-                k_pages.reshape(k_pool.shape), v_pages.reshape(v_pool.shape))
+        return out[None].astype(q.dtype), k_pool, v_pool
 
     return body
 

@@ -363,7 +363,8 @@ class ModelRunner:
                 "from_cache": after["cache_hits"] - before["cache_hits"],
                 "compile_seconds": after["seconds"] - before["seconds"]}
 
-    def _run_padding_step(self, s: StepShape):
+    def _padding_step_args(self, s: StepShape) -> tuple:
+        """Arguments of an all-padding step of shape `s` (it writes no KV)."""
         I = self.layout.num_instances
         n = I * s.logits
         meta = DistMeta(
@@ -376,10 +377,17 @@ class ModelRunner:
                                    banned_width=s.banned, penalty_rows=[None] * n,
                                    penalty_width=s.penalty)
         zeros = np.zeros((I, s.rows), np.int32)
-        self.pools, *result = self._step(
-            self.params, self.pools, self._put_rows(zeros), zeros, meta,
-            np.zeros((I, s.logits), np.int32), np.full(n, -1, np.int32), st, np.False_)
+        return (self.params, self.pools, self._put_rows(zeros), zeros, meta,
+                np.zeros((I, s.logits), np.int32), np.full(n, -1, np.int32), st, np.False_)
+
+    def _run_padding_step(self, s: StepShape):
+        self.pools, *result = self._step(*self._padding_step_args(s))
         return result
+
+    def lower_step(self, s: StepShape):
+        """The step program of shape `s`, lowered (jax.stages.Lowered): for
+        inspecting what XLA builds (copies, memory, other platforms)."""
+        return self._step.lower(*self._padding_step_args(s))
 
 
 def _memory_maps() -> tuple[int, int]:
