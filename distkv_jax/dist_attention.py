@@ -69,10 +69,14 @@ class DistAttentionConfig:
 
 
 def _write(pool, index, values):
-    """pool.at[index].set(values), dropping out-of-range indices. A 16-bit
-    float pool is written through its bits (uint16): XLA:CPU has no bf16
-    scatter and otherwise converts the whole pool to float32 and back around
-    it, for every layer of every step (a bf16 step cost ~10x a float32 one)."""
+    """pool.at[index].set(values), dropping out-of-range indices. A pool of
+    bfloat16 bits (uint16, see kv_pool.storage_dtype) gets the values' bits;
+    a 16-bit float pool is written through its bits too: XLA:CPU has no
+    bfloat16 scatter and otherwise converts the whole pool to float32 and
+    back around it, every layer of every step."""
+    if pool.dtype == jnp.uint16:
+        bits = jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
+        return pool.at[index].set(bits, mode="drop")
     values = values.astype(pool.dtype)
     if pool.dtype.itemsize != 2 or not jnp.issubdtype(pool.dtype, jnp.floating):
         return pool.at[index].set(values, mode="drop")

@@ -55,8 +55,19 @@ class PoolLayout:
         return n
 
 
+def storage_dtype(dtype) -> jnp.dtype:
+    """The dtype a pool of `dtype` KV is stored in: bfloat16 KV is kept as its
+    bits (uint16). XLA:CPU has no bfloat16 scatter or bitcast in place: writing
+    new tokens into a bfloat16 pool converted the whole pool to float32 and
+    back around every layer's write. The kernels read the bits as bfloat16."""
+    d = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if d == jnp.dtype(jnp.bfloat16) else d
+
+
 def create_kv_pool(mesh: Mesh, layout: PoolLayout, dtype=jnp.float32) -> PagedKVCache:
-    """Zero-filled pools, created directly in their shards (never whole on one device)."""
+    """Zero-filled pools of `dtype` KV (stored as `storage_dtype(dtype)`),
+    created directly in their shards (never whole on one device)."""
     sharding = NamedSharding(mesh, layout.spec)
+    dtype = storage_dtype(dtype)
     zeros = jax.jit(lambda: jnp.zeros(layout.shape, dtype), out_shardings=sharding)
     return PagedKVCache(zeros(), zeros())

@@ -33,7 +33,7 @@ from .dist_attention import DistMeta
 from .engine_args import EngineArgs
 from .kernels.micro_attention import resolve_impl
 from .kv_copy import KVCopier, bucket_size
-from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool
+from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool, storage_dtype
 from .kv_types import StepKVPlan
 from .mesh import INST
 from .models.config import ModelConfig
@@ -154,7 +154,8 @@ class ModelRunner:
         if args.host_kv_blocks > 0:
             host_layout = dataclasses.replace(self.layout, blocks_per_instance=args.host_kv_blocks)
             sh = NamedSharding(mesh, host_layout.spec, memory_kind="pinned_host")
-            zeros = jax.jit(lambda: jnp.zeros(host_layout.shape, self.dtype), out_shardings=sh)
+            zeros = jax.jit(lambda: jnp.zeros(host_layout.shape, storage_dtype(self.dtype)),
+                            out_shardings=sh)
             self.host_pools = PagedKVCache(zeros(), zeros())
         self.copier = KVCopier(mesh)
         # move batches warm start compiles (fork copies are cut to this size)

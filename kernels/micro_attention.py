@@ -113,7 +113,7 @@ def _runs_partials(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_kstart,
     valid, tile, kpos = _run_keys(run_tile, run_kstart, n_tiles, block_size)
     qs = q[tile].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(num_runs, num_kv, rows, head_dim)
     pos = jnp.repeat(q_pos[tile], groups, axis=1)                       # [S, M], row order (q, g)
-    kw, vw = k_pages[run_blocks], v_pages[run_blocks]                  # [S, run, bs, Hs, D]
+    kw, vw = as_kv(k_pages[run_blocks]), as_kv(v_pages[run_blocks])    # [S, run, bs, Hs, D]
     if not (isinstance(kv_head_offset, int) and kv_head_offset == 0 and num_kv == k_pages.shape[2]):
         kw = jax.lax.dynamic_slice_in_dim(kw, kv_head_offset, num_kv, axis=3)
         vw = jax.lax.dynamic_slice_in_dim(vw, kv_head_offset, num_kv, axis=3)
@@ -148,8 +148,8 @@ def _runs_partials_decode(q, q_pos, k_pages, v_pages, run_tile, run_blocks, run_
     rows = num_kv * groups
     valid, tile, kpos = _run_keys(run_tile, run_kstart, n_tiles, block_size)
     qs = q[tile, 0].astype(jnp.float32).reshape(num_runs, rows, head_dim)        # [S, (h, g), D]
-    kw = k_pages[run_blocks].reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
-    vw = v_pages[run_blocks].reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
+    kw = as_kv(k_pages[run_blocks]).reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
+    vw = as_kv(v_pages[run_blocks]).reshape(num_runs, n * num_kv, head_dim).astype(jnp.float32)
     s = jnp.einsum("smd,skd->smk", qs, kw) * scale                             # [S, (h, g), (n, h')]
     visible = (kpos <= q_pos[tile, 0][:, None]) & valid[:, None]                 # [S, n]
     visible = jnp.broadcast_to(visible[:, :, None], (num_runs, n, num_kv)).reshape(num_runs, 1, -1)
@@ -327,6 +327,13 @@ def _warn_fallback(reason: str) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
+def as_kv(pages):
+    """Pages as KV values: uint16 pages hold bfloat16 bits (kv_pool.storage_dtype)."""
+    if pages.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(pages, jnp.bfloat16)
+    return pages
+
+
 def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
                     scale: float, run: int = 1, kv_head_offset=0, impl: str = "reference",
                     interpret: bool = False):
@@ -335,6 +342,8 @@ def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_ksta
     run: items per run (static; the work list holds runs of one tile each).
     impl: "reference" (pure jnp), "pallas" (interpret=True to run on CPU),
     "native" (the C++ CPU kernel, kernels/micro_attention_cpu.cc) or "auto".
+    Pages are float32, bfloat16, or uint16 holding bfloat16 bits (how the
+    engine stores bfloat16 KV: see kv_pool.storage_dtype).
     """
     if item_tile.shape[0] % run:
         raise ValueError(f"work list length {item_tile.shape[0]} is not a multiple of run={run}")
@@ -348,6 +357,7 @@ def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_ksta
         o_r, lse_r = run_partials_reference(*args, scale=scale, run=run,
                                             kv_head_offset=kv_head_offset)
     elif impl == "pallas":
+        args = args[:2] + (as_kv(k_pages), as_kv(v_pages)) + args[4:]
         o_r, lse_r = run_partials_pallas(*args, scale=scale, run=run,
                                          kv_head_offset=kv_head_offset, interpret=interpret)
     else:

@@ -562,3 +562,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvMicroAttentionF32,
                               (micro_attention_impl<float, ffi::F32>), DISTKV_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvMicroAttentionBF16,
                               (micro_attention_impl<uint16_t, ffi::BF16>), DISTKV_BIND(ffi::BF16));
+// bfloat16 pages stored as their bits (uint16): the engine's bfloat16 pools
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvMicroAttentionBF16Bits,
+                              (micro_attention_impl<uint16_t, ffi::U16>), DISTKV_BIND(ffi::U16));

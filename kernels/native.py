@@ -29,7 +29,9 @@ import numpy as np
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro_attention_cpu.cc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC", "-pthread")
 _TARGETS = {jnp.dtype(jnp.float32): ("distkv_micro_attention_f32", "DistkvMicroAttentionF32"),
-            jnp.dtype(jnp.bfloat16): ("distkv_micro_attention_bf16", "DistkvMicroAttentionBF16")}
+            jnp.dtype(jnp.bfloat16): ("distkv_micro_attention_bf16", "DistkvMicroAttentionBF16"),
+            # bfloat16 bits stored as uint16 (kv_pool.storage_dtype): the same kernel
+            jnp.dtype(jnp.uint16): ("distkv_micro_attention_bf16bits", "DistkvMicroAttentionBF16Bits")}
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "error", once tried
@@ -119,7 +121,8 @@ def micro_attention_native(q, q_pos, k_pages, v_pages, item_tile, item_block, it
         raise RuntimeError(f"the native MicroAttention kernel is unavailable: {error()}")
     dtype = jnp.dtype(k_pages.dtype)
     if dtype not in _TARGETS:
-        raise ValueError(f"native MicroAttention supports float32 and bfloat16 pages, got {dtype}")
+        raise ValueError(f"native MicroAttention supports float32 and bfloat16 pages (or "
+                         f"bfloat16 bits as uint16), got {dtype}")
     n_tiles, q_tile, num_kv, groups, head_dim = q.shape
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
            jax.ShapeDtypeStruct((n_tiles, q_tile, num_kv, groups), jnp.float32))

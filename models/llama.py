@@ -47,8 +47,23 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                    **kw):
+    """dot_general accumulating in float32, result in the inputs' dtype (as a
+    bfloat16 matmul in PyTorch rounds once at the end). For bfloat16 it also
+    lets XLA:CPU multiply bfloat16 directly instead of converting every weight
+    to float32 on every step."""
+    del preferred_element_type
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                              preferred_element_type=jnp.float32, **kw)
+    return out.astype(jnp.result_type(lhs, rhs))
+
+
 def _dense(features: int, bias: bool, dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+        return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name,
+                    dot_general=_accumulate_f32)
 
 
 class DecoderLayer(nn.Module):

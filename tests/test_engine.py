@@ -2,6 +2,7 @@
 KV pools small enough that requests borrow blocks from other instances and
 are swapped to host memory and back."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -282,8 +283,13 @@ def test_bfloat16_engine_runs_on_a_mesh(llama, prompts, reference):
     path, _ = llama
     llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=8, dtype="bfloat16",
               max_num_batched_tokens=32)
-    assert llm.engine.pools.k.dtype == np.dtype("bfloat16")
+    # bfloat16 KV is stored as its bits (kv_pool.storage_dtype)
+    assert llm.engine.pools.k.dtype == np.dtype("uint16")
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, logprobs=0))
+    # the KV written is bfloat16: its bits decode to the values the model computed
+    import jax
+    kv = np.asarray(jax.lax.bitcast_convert_type(llm.engine.pools.k, jnp.bfloat16), np.float32)
+    assert np.isfinite(kv).all() and np.abs(kv).max() > 0
     for out, (toks, lps) in zip(outs, reference):
         comp = out.outputs[0]
         assert comp.finish_reason == "length" and comp.token_ids[0] == toks[0]
