@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "attention": "distkv_jax.bench.attention",
     "capacity": "distkv_jax.bench.capacity",
     "control_plane": "distkv_jax.bench.control_plane",
+    "dtype": "distkv_jax.bench.dtype",
     "pool": "distkv_jax.bench.pool",
     "prefix": "distkv_jax.bench.prefix",
     "serving": "distkv_jax.bench.serving",

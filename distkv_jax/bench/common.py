@@ -78,3 +78,18 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def make_llama_dir(path: str, dims: dict) -> None:
+    """A random-weight Llama (transformers, seed 0) saved as a Hugging Face
+    directory; dims: hidden, layers, heads, kv_heads, intermediate, vocab."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+        num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"], max_position_embeddings=4096, initializer_range=0.05,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)

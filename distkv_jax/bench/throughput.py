@@ -37,7 +37,8 @@ import time
 import numpy as np
 from absl import flags
 
-from distkv_jax.bench.common import cpu_model, pyplot, save_figure, stream_read_bandwidth, write_json
+from distkv_jax.bench.common import (cpu_model, make_llama_dir as _make_model, pyplot, save_figure,
+                                     stream_read_bandwidth, write_json)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("hidden", 512, "model hidden size")
@@ -60,19 +61,6 @@ flags.DEFINE_bool("reference_row", True, "also time our decode-heavy run with th
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/throughput.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/throughput.png", "plot ('' to skip)")
-
-
-def _make_model(path: str, dims: dict) -> None:
-    import torch
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
-        num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
-        num_key_value_heads=dims["kv_heads"], max_position_embeddings=4096, initializer_range=0.05,
-        bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
 
 
 def _hf_run(path, prompts, new_tokens):
