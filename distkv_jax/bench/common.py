@@ -93,3 +93,26 @@ def make_llama_dir(path: str, dims: dict) -> None:
         bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+def take_turns(runs, slice_steps: int) -> None:
+    """Advance every run (objects with done() and advance(steps)) to its end,
+    slice_steps engine steps each in turn, round robin, the first to go
+    rotating: a slow spell of this shared machine falls on all alike. As a
+    serving process does after start-up (vLLM freezes its heap), what is
+    alive now is left out of the collector's full passes, whose pauses
+    would otherwise land on whichever run happens to be going."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        turn = 0
+        while any(not r.done() for r in runs):
+            for j in range(len(runs)):
+                r = runs[(turn + j) % len(runs)]
+                if not r.done():
+                    r.advance(slice_steps)
+            turn += 1
+    finally:
+        gc.unfreeze()

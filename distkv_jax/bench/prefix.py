@@ -41,7 +41,6 @@ hit rate is within 5% of the ideal. Writes --output_json and --output_png.
 from __future__ import annotations
 
 import bisect
-import gc
 import json
 import os
 import platform
@@ -51,7 +50,7 @@ import time
 import numpy as np
 from absl import flags
 
-from distkv_jax.bench.common import cpu_model, pyplot, save_figure, write_json
+from distkv_jax.bench.common import cpu_model, pyplot, save_figure, take_turns, write_json
 
 FLAGS = flags.FLAGS
 CONFIGS = ("mesh", "instance", "none")
@@ -201,19 +200,8 @@ def summarize(run: Run, doc_len: int, bs: int) -> dict:
 
 
 def _pass(specs, reqs, slice_steps):
-    gc.collect()
-    gc.freeze()
-    try:
-        runs = [(spec, Run(spec["llm"], reqs)) for spec in specs]
-        turn = 0
-        while any(not r.done() for _, r in runs):
-            for j in range(len(runs)):
-                spec, r = runs[(turn + j) % len(runs)]
-                if not r.done():
-                    r.advance(slice_steps)
-            turn += 1
-    finally:
-        gc.unfreeze()
+    runs = [(spec, Run(spec["llm"], reqs)) for spec in specs]
+    take_turns([r for _, r in runs], slice_steps)
     return runs
 
 

@@ -77,7 +77,7 @@ import time
 import numpy as np
 from absl import flags
 
-from distkv_jax.bench.common import pyplot, save_figure, write_json
+from distkv_jax.bench.common import pyplot, save_figure, take_turns, write_json
 
 from distkv_jax.mesh import simulate_cpu_devices
 
@@ -283,23 +283,8 @@ def _interleaved_pass(runs_spec, rate, repeat, slice_steps):
     engine steps each (the first to go rotates), each turn starting on an
     idle machine. A slow spell of this shared machine then falls on all of
     them alike, instead of on whichever ran the whole stream at that time."""
-    # As a serving process does after start-up (vLLM freezes its heap): what
-    # is alive now (models, compiled programs, JAX's caches) is left out of
-    # the collector's full passes, whose pauses would otherwise land on
-    # whichever configuration happens to be running.
-    gc.collect()
-    gc.freeze()
-    try:
-        live = [(spec, StreamRun(spec["llm"], spec["reqs"], rate)) for spec in runs_spec]
-        turn = 0
-        while any(not sr.done() for _, sr in live):
-            for j in range(len(live)):
-                spec, sr = live[(turn + j) % len(live)]
-                if not sr.done():
-                    sr.advance(slice_steps)
-            turn += 1
-    finally:
-        gc.unfreeze()
+    live = [(spec, StreamRun(spec["llm"], spec["reqs"], rate)) for spec in runs_spec]
+    take_turns([sr for _, sr in live], slice_steps)
     out = []
     for spec, sr in live:
         recs, steps, stats = sr.result()
