@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "prefix": "distkv_jax.bench.prefix",
     "serving": "distkv_jax.bench.serving",
     "throughput": "distkv_jax.bench.throughput",
+    "vllm_cpu": "distkv_jax.bench.vllm_cpu",
     "workload": "distkv_jax.bench.workload",
 }
 
