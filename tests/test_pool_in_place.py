@@ -4,8 +4,8 @@ copy of the pool and its temporary memory does not grow with the pool.
 Checked on the compiled program rather than by timing: XLA copied the whole
 pool twice per step when a device held one KV head (kv_heads == tp: the tiny
 model on 1x2 and 2x2), because the pool came back through a reshape of a
-reshape that XLA laid out anew; step time then grew with kv_blocks (91 ms
-against 3 ms per token at 20,000 blocks on 1x2, AMD EPYC)."""
+reshape that XLA laid out anew; step time then grew with kv_blocks (`bench
+pool`: 14.6x at a 16x pool on 1x2 before the fix, 1.17x after)."""
 
 import re
 
