@@ -115,6 +115,7 @@ class KVCopier:
         self.mesh = mesh
         self.max_swap_batch = bucket_size(max_swap_batch)
         self._fns: dict = {}
+        self.batches_run: set[tuple[str, int]] = set()  # (direction, padded batch size)
 
     def _shard_copy(self, src_leaves, dst_leaves, src, dst, src_specs, dst_specs):
         fn = jax.shard_map(
@@ -174,6 +175,7 @@ class KVCopier:
         leaves, tree = jax.tree_util.tree_flatten(pools)
         fn = self._get("move", leaves, leaves)
         s, d = pad_pairs(src, dst)
+        self.batches_run.add(("move", len(s)))
         out = fn(tuple(leaves), jnp.asarray(s), jnp.asarray(d))
         return jax.tree_util.tree_unflatten(tree, list(out))
 
@@ -196,11 +198,27 @@ class KVCopier:
         step = self.max_swap_batch
         for k in range(0, len(src), step):
             s, d = pad_pairs(src[k : k + step], dst[k : k + step])
+            self.batches_run.add((direction, len(s)))
             out = fn(a_leaves, out, jnp.asarray(s), jnp.asarray(d))
         return jax.tree_util.tree_unflatten(b_tree, list(out))
 
     def compiles(self) -> int:
         return sum(f._cache_size() for f in self._fns.values())
+
+    def lower(self, direction: str, a_pools: Any, b_pools: Any, size: int,
+              platform: str | None = None):
+        """The copy program of `direction` ("move", "out", "in") for batches
+        of `size`, lowered (for `platform`, e.g. "cuda", when given): what the
+        copies compile to, inspectable without running them. For "move",
+        b_pools is ignored."""
+        a_leaves = tuple(jax.tree_util.tree_leaves(a_pools))
+        b_leaves = a_leaves if direction == "move" else tuple(jax.tree_util.tree_leaves(b_pools))
+        fn = self._get(direction, a_leaves, b_leaves)
+        s, d = pad_pairs([], [], size)
+        args = (a_leaves, jnp.asarray(s), jnp.asarray(d)) if direction == "move" else (
+            a_leaves, b_leaves, jnp.asarray(s), jnp.asarray(d))
+        traced = fn.trace(*args)
+        return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
 
 
 def make_pool(mesh: Mesh, shape, dtype=jnp.float32, host: bool = False, fill=None):

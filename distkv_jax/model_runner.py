@@ -134,7 +134,16 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, mesh: Mesh, args: EngineArgs):
         self.args, self.cfg, self.mesh = args, cfg, mesh
         # the MicroAttention implementation the step uses ("auto" resolved once)
-        self.attention_impl = resolve_impl(args.attention_impl)
+        self.platform = mesh.devices.flat[0].platform
+        self.attention_impl = resolve_impl(args.attention_impl, self.platform, cfg.head_dim,
+                                           args.block_size)
+        if self.attention_impl == "pallas" and self.platform != "cpu":
+            from .kernels.micro_attention_gpu import gpu_supports
+
+            why = gpu_supports(cfg.head_dim, args.block_size)
+            if why:
+                raise ValueError(f"attention_impl='pallas': the Triton kernel cannot take {why}; "
+                                 "use attention_impl='auto' (the jnp reference for these shapes)")
         self.prefill_q_tile = PREFILL_Q_TILE.get(self.attention_impl, DEFAULT_PREFILL_Q_TILE)
         if not args.scan_layers:  # the stacked arrays are dropped: no second copy
             params = unstack_layers(params, cfg.num_layers)
@@ -161,7 +170,8 @@ class ModelRunner:
         # move batches warm start compiles (fork copies are cut to this size)
         self._fork_batch = bucket_size(max(args.kv_cache_config(1).migrate_blocks_per_step,
                                            self.layout.num_instances))
-        self._step = self._make_step()
+        self._step = self._make_step(self.attention_impl)
+        self._steps_for: dict[str, object] = {}  # other platforms' steps (lowering only)
         self.shapes_run: set[StepShape] = set()  # shapes of the steps dispatched so far
         # The step's tokens are always a device array sharded like its rows
         # (fed from the step in flight or put there), so one program serves
@@ -172,8 +182,8 @@ class ModelRunner:
             out_shardings=self._rows)
 
     # ------------------------------------------------------------ device step
-    def _make_step(self):
-        forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, self.attention_impl,
+    def _make_step(self, attention_impl: str):
+        forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, attention_impl,
                                    scan_layers=self.args.scan_layers)
         base_seed, num_top = self.args.seed, self.args.max_logprobs
         # sampled tokens leave the step padded to one length, so the next
@@ -385,10 +395,36 @@ class ModelRunner:
         self.pools, *result = self._step(*self._padding_step_args(s))
         return result
 
-    def lower_step(self, s: StepShape):
+    def lower_step(self, s: StepShape, platform: str | None = None):
         """The step program of shape `s`, lowered (jax.stages.Lowered): for
-        inspecting what XLA builds (copies, memory, other platforms)."""
-        return self._step.lower(*self._padding_step_args(s))
+        inspecting what XLA builds (copies, memory).
+
+        platform: lower for another platform (e.g. "cuda" on a CPU host) with
+        the MicroAttention that `attention_impl` resolves to there: the
+        program a GPU would compile for the same step, checked without one.
+        """
+        if platform is None or platform == self.platform:
+            return self._step.lower(*self._padding_step_args(s))
+        if platform not in self._steps_for:
+            impl = resolve_impl(self.args.attention_impl, platform, self.cfg.head_dim,
+                                self.args.block_size)
+            self._steps_for[platform] = self._make_step(impl)
+        traced = self._steps_for[platform].trace(*self._padding_step_args(s))
+        return traced.lower(lowering_platforms=(platform,))
+
+    def lower_copies(self, platform: str | None = None) -> dict:
+        """Every KV copy program this runner has run (moves, forks, host
+        swaps), lowered (for `platform` when given): {(direction, size): Lowered}."""
+        out = {}
+        for direction, size in sorted(self.copier.batches_run):
+            if direction == "move":
+                a, b = self.pools, None
+            elif direction == "out":
+                a, b = self.pools, self.host_pools
+            else:
+                a, b = self.host_pools, self.pools
+            out[(direction, size)] = self.copier.lower(direction, a, b, size, platform)
+        return out
 
 
 def _memory_maps() -> tuple[int, int]:

@@ -22,8 +22,9 @@ Empty partials carry lse = -inf and weigh nothing; the 0 * inf and
 (-inf) - (-inf) cases are guarded explicitly.
 
 Two implementations of the per-run step share one signature: a pure-jnp
-reference and a Pallas kernel (written for the GPU Triton lowering; checked on
-CPU with interpret=True). A third, native C++ kernel for XLA:CPU
+reference and a Pallas kernel for GPUs (kernels/micro_attention_gpu.py,
+lowered through Triton; run on CPU with interpret=True; impl="pallas", the
+"auto" choice on CUDA). A third, native C++ kernel for XLA:CPU
 (micro_attention_cpu.cc, via XLA FFI; impl="native", the "auto" choice on CPU)
 fuses the block gather into the attention and returns per-tile results.
 
@@ -221,102 +222,48 @@ def run_partials_reference(q, q_pos, k_pages, v_pages, item_tile, item_block, it
 
 
 # --------------------------------------------------------------------------
-# per-run partials: Pallas
-
-
-def _pallas_kernel(tile_ref, block_ref, kstart_ref, off_ref, q_ref, qpos_ref, k_ref, v_ref,
-                   o_ref, lse_ref, *, scale, n_tiles, run, use_dot):
-    """One program: one run (`run` blocks of one tile) x one KV head, with an
-    online softmax over the run's blocks."""
-    from jax.experimental import pallas as pl
-
-    r = pl.program_id(0)
-    h = pl.program_id(1)
-    raw_tile = tile_ref[r * run]
-    tile = jnp.minimum(raw_tile, n_tiles - 1)
-    head = off_ref[0] + h
-    q = q_ref[tile, h].astype(jnp.float32)                  # [M, D], M = q_tile * G
-    pos = qpos_ref[tile]                                     # [M]
-    rows, head_dim = q.shape
-    block_size = k_ref.shape[1]
-
-    def step(j, carry):
-        m_prev, l_prev, acc = carry
-        item = r * run + j
-        blk = block_ref[item]
-        k = k_ref[blk, :, head, :].astype(jnp.float32)       # [bs, D]
-        v = v_ref[blk, :, head, :].astype(jnp.float32)
-        if use_dot:
-            s = jnp.dot(q, k.T) * scale
-        else:  # tiny M (decode): a broadcast product avoids tensor-core shape limits
-            s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1) * scale
-        kpos = kstart_ref[item] + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
-        s = jnp.where((kpos <= pos[:, None]) & (raw_tile < n_tiles), s, NEG_INF)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-        m_safe = jnp.where(m_new > NEG_INF, m_new, 0.0)
-        alpha = jnp.where(m_prev > NEG_INF, jnp.exp(m_prev - m_safe), 0.0)
-        p = jnp.exp(s - m_safe[:, None])
-        pv = jnp.dot(p, v) if use_dot else jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
-        return m_new, l_prev * alpha + jnp.sum(p, axis=-1), acc * alpha[:, None] + pv
-
-    init = (jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32),
-            jnp.zeros((rows, head_dim), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, run, step, init)
-    m_safe = jnp.where(m > NEG_INF, m, 0.0)
-    l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[r, h] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[r, h] = jnp.where(l > 0, m_safe + jnp.log(l_safe), NEG_INF)
-
-
-def run_partials_pallas(q, q_pos, k_pages, v_pages, item_tile, item_block, item_kstart, *,
-                        scale: float, run: int = 1, kv_head_offset=0, interpret: bool = False):
-    """Per-run partials with a Pallas kernel: grid (runs, KV heads).
-
-    On GPU (Triton lowering) q_tile * G, block_size and head_dim must be
-    powers of two; tl.dot is used when q_tile * G >= 16.
-    """
-    from jax.experimental import pallas as pl
-
-    n_tiles, q_tile, num_kv, groups, head_dim = q.shape
-    num_runs = item_tile.shape[0] // run
-    rows = q_tile * groups
-    q_t = q.transpose(0, 2, 1, 3, 4).reshape(n_tiles, num_kv, rows, head_dim)
-    pos_t = jnp.repeat(q_pos, groups, axis=1)                     # row order (q, g)
-    offset = jnp.reshape(jnp.asarray(kv_head_offset, jnp.int32), (1,))
-    kernel = functools.partial(_pallas_kernel, scale=scale, n_tiles=n_tiles, run=run,
-                               use_dot=rows >= 16)
-    o, lse = pl.pallas_call(
-        kernel,
-        grid=(num_runs, num_kv),
-        out_shape=(jax.ShapeDtypeStruct((num_runs, num_kv, rows, head_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((num_runs, num_kv, rows), jnp.float32)),
-        interpret=interpret,
-    )(item_tile, item_block, item_kstart, offset, q_t, pos_t, k_pages, v_pages)
-    o = o.reshape(num_runs, num_kv, q_tile, groups, head_dim).transpose(0, 2, 1, 3, 4)
-    lse = lse.reshape(num_runs, num_kv, q_tile, groups).transpose(0, 2, 1, 3)
-    return o, lse
-
-
-# --------------------------------------------------------------------------
 
 
 IMPLS = ("auto", "native", "reference", "pallas")
 
 
-def resolve_impl(impl: str) -> str:
-    """'auto': the native kernel on CPU where it builds, else the jnp reference
-    (the Pallas kernel is chosen explicitly)."""
+def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None,
+                 block_size: int | None = None) -> str:
+    """The implementation `impl` means on `platform` (default: JAX's backend).
+
+    'auto': on CPU the native kernel where it builds (else the jnp
+    reference); on CUDA GPUs the Triton Pallas kernel where the shapes allow
+    it (head_dim, block_size: see micro_attention_gpu.gpu_supports), else the
+    reference. The choice is logged once per (platform, choice).
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if jax.default_backend() == "cpu":
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
         from . import native
 
         if native.available():
-            return "native"
+            return _chosen(platform, "native", "the native C++ kernel (XLA FFI)")
         _warn_fallback(native.error())
-    return "reference"
+        return _chosen(platform, "reference", "native kernel unavailable")
+    if platform in ("cuda", "gpu"):
+        from .micro_attention_gpu import gpu_supports
+
+        why = gpu_supports(head_dim, block_size) if head_dim and block_size else None
+        if why is None:
+            return _chosen(platform, "pallas", "the Triton Pallas kernel")
+        return _chosen(platform, "reference", f"Triton kernel unsupported: {why}")
+    return _chosen(platform, "reference", "no kernel for this platform")
+
+
+@functools.lru_cache(maxsize=None)
+def _chosen(platform: str, impl: str, why: str) -> str:
+    import logging
+
+    logging.getLogger("distkv_jax").info("MicroAttention on %s: impl=%s (%s)", platform, impl, why)
+    return impl
 
 
 @functools.lru_cache(maxsize=None)
@@ -340,7 +287,8 @@ def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_ksta
     """Partial attention of every query tile over the items that name it.
 
     run: items per run (static; the work list holds runs of one tile each).
-    impl: "reference" (pure jnp), "pallas" (interpret=True to run on CPU),
+    impl: "reference" (pure jnp), "pallas" (the Triton GPU kernel; interpret=True
+    to run it on CPU),
     "native" (the C++ CPU kernel, kernels/micro_attention_cpu.cc) or "auto".
     Pages are float32, bfloat16, or uint16 holding bfloat16 bits (how the
     engine stores bfloat16 KV: see kv_pool.storage_dtype).
@@ -357,9 +305,10 @@ def micro_attention(q, q_pos, k_pages, v_pages, item_tile, item_block, item_ksta
         o_r, lse_r = run_partials_reference(*args, scale=scale, run=run,
                                             kv_head_offset=kv_head_offset)
     elif impl == "pallas":
-        args = args[:2] + (as_kv(k_pages), as_kv(v_pages)) + args[4:]
-        o_r, lse_r = run_partials_pallas(*args, scale=scale, run=run,
-                                         kv_head_offset=kv_head_offset, interpret=interpret)
+        from .micro_attention_gpu import run_partials_gpu
+
+        o_r, lse_r = run_partials_gpu(*args, scale=scale, run=run,
+                                      kv_head_offset=kv_head_offset, interpret=interpret)
     else:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     run_tile = item_tile.reshape(-1, run)[:, 0]

@@ -19,15 +19,19 @@ from attention_reference import dense_attention_f64
 
 
 def _paged_problem(rng, seq_lens, new_tokens, block_size, num_kv, groups, head_dim, q_tile,
-                   num_pages=None, item_pad=3, run=1):
+                   num_pages=None, item_pad=3, run=1, round_bf16=False):
     """Sequences with KV in randomly chosen pages; the last `new_tokens` of each
     are queries, cut into tiles of q_tile rows. Returns kernel inputs plus the
-    dense per-row reference."""
+    dense per-row reference. round_bf16: queries and KV are bfloat16 values
+    (held in float32), so that bfloat16 kernels see exactly what the
+    reference sees."""
+    rnd = (lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))) \
+        if round_bf16 else (lambda x: x)
     blocks_needed = [-(-n // block_size) for n in seq_lens]
     num_pages = num_pages or sum(blocks_needed) + 4
     page_ids = rng.permutation(num_pages)
-    k_pages = rng.standard_normal((num_pages, block_size, num_kv, head_dim)).astype(np.float32)
-    v_pages = rng.standard_normal((num_pages, block_size, num_kv, head_dim)).astype(np.float32)
+    k_pages = rnd(rng.standard_normal((num_pages, block_size, num_kv, head_dim)).astype(np.float32))
+    v_pages = rnd(rng.standard_normal((num_pages, block_size, num_kv, head_dim)).astype(np.float32))
     tiles_q, tiles_pos, items, refs = [], [], [], []
     used = 0
     for n, nb, new in zip(seq_lens, blocks_needed, new_tokens):
@@ -37,7 +41,7 @@ def _paged_problem(rng, seq_lens, new_tokens, block_size, num_kv, groups, head_d
         keys = k_pages[table[pos // block_size], pos % block_size]
         values = v_pages[table[pos // block_size], pos % block_size]
         qpos = np.arange(n - new, n)
-        q = rng.standard_normal((new, num_kv * groups, head_dim)).astype(np.float32)
+        q = rnd(rng.standard_normal((new, num_kv * groups, head_dim)).astype(np.float32))
         refs.append((q, dense_attention_f64(q, keys, values, qpos, 1 / np.sqrt(head_dim))))
         for t0 in range(0, new, q_tile):
             rows = slice(t0, min(t0 + q_tile, new))
