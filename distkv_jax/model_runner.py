@@ -35,6 +35,7 @@ from .kernels.micro_attention import resolve_impl
 from .kv_copy import KVCopier, bucket_size
 from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool, storage_dtype
 from .kv_types import StepKVPlan
+from .memory_budget import RUNTIME_RESERVE, TEMP_FACTOR, StepLimits, kv_blocks_for_memory, step_temp_bytes
 from .mesh import INST
 from .models.config import ModelConfig
 from .models.llama import unstack_layers
@@ -107,26 +108,41 @@ class StepShape:
     penalty: int = 0  # penalty entries per row (0: no row has penalties)
 
 
-def kv_blocks_from_memory(layout: PoolLayout, dtype, cfg: ModelConfig, max_num_seqs: int,
-                          fraction: float) -> int:
+def kv_blocks_from_memory(layout: PoolLayout, dtype, cfg: ModelConfig, args: EngineArgs,
+                          prefill_q_tile: int) -> int:
     """KV blocks per instance that fit in free device memory.
 
-    Accelerators: `fraction` of (bytes_limit - bytes_in_use), i.e. 10% headroom
-    by default. CPU devices report no memory stats: a quarter of the host's
-    available memory, shared by the local devices. Capped at what max_num_seqs
-    sequences of max_position_embeddings tokens can use.
+    Accelerators (devices that report memory_stats): memory_budget's rule,
+    i.e. kv_memory_fraction of (bytes_limit - bytes_in_use - 2 x the largest
+    step's estimated temporaries - 1 GiB runtime reserve). CPU devices
+    report no memory stats: a quarter of the host's available memory, shared
+    by the local devices. Capped at what max_num_seqs sequences of
+    max_position_embeddings tokens can use.
     """
     per_block = layout.bytes(dtype) // (layout.num_instances * layout.blocks_per_instance)
     per_block_per_device = per_block // layout.tp  # (over-estimate when KV is replicated over tp)
     dev = jax.local_devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    cap = -(-args.max_num_seqs * cfg.max_position_embeddings // layout.block_size)
     if stats and stats.get("bytes_limit"):
-        free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * fraction
-    else:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        free = avail * 0.25 / len(jax.local_devices())
+        lim = StepLimits(tokens=bucket(args.max_num_batched_tokens),
+                         instances=layout.num_instances, tp=layout.tp,
+                         max_model_len=args.max_model_len or cfg.max_position_embeddings,
+                         block_size=layout.block_size, prefill_q_tile=prefill_q_tile)
+        temps = step_temp_bytes(cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
+                                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, lim)
+        blocks = kv_blocks_for_memory(stats["bytes_limit"], stats.get("bytes_in_use", 0),
+                                      per_block_per_device, temps, args.kv_memory_fraction)
+        if blocks < 1:
+            raise ValueError(
+                f"no device memory left for KV: {dev} has {stats['bytes_limit']} bytes, "
+                f"{stats.get('bytes_in_use', 0)} in use (weights), and the step needs about "
+                f"{int(TEMP_FACTOR * temps)} bytes of temporaries plus {RUNTIME_RESERVE} reserved; "
+                "lower max_num_batched_tokens or max_model_len, or use a larger mesh")
+        return min(blocks, cap)
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = avail * 0.25 / len(jax.local_devices())
     blocks = int(free // max(per_block_per_device, 1))
-    cap = -(-max_num_seqs * cfg.max_position_embeddings // layout.block_size)
     return max(1, min(blocks, cap))
 
 
@@ -152,7 +168,7 @@ class ModelRunner:
         nb = args.kv_blocks
         if nb is None:
             nb = kv_blocks_from_memory(pool_layout(cfg, mesh, 1, args.block_size), self.dtype,
-                                       cfg, args.max_num_seqs, args.kv_memory_fraction)
+                                       cfg, args, self.prefill_q_tile)
             if jax.process_count() > 1:  # every process must build the same pool and plans
                 from jax.experimental import multihost_utils
 
