@@ -2,12 +2,16 @@
 #   make demo   - run the main job on the built-in tiny model
 #   make test   - run the test suite
 #   make serve  - the OpenAI-compatible server on the built-in tiny model (127.0.0.1:8000)
+#   make gpu-check - on a machine with an NVIDIA GPU: GPU parity tests and GPU benchmarks
+#                    (launch/gpu_check.sh; GPU_PY=python of an env with the gpu extra, GPU_OUT=dir)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+GPU_PY ?=
+GPU_OUT ?= bench_results/gpu
 
-.PHONY: demo serve test clean
+.PHONY: demo serve test gpu-check clean
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +33,9 @@ serve: $(VENV)/.stamp-base
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+gpu-check:
+	GPU_PY=$(GPU_PY) GPU_OUT=$(GPU_OUT) bash launch/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -33,3 +33,21 @@ def test_bench_attention_quick(tmp_path):
         assert pre[f"native_q_tile{q_tile}_ms"] > 0 and pre[f"reference_q_tile{q_tile}_ms"] > 0
         assert pre[f"max_abs_diff_q_tile{q_tile}"] <= 1e-5
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+def test_bench_attention_gpu_preset_quick(tmp_path):
+    """The preset `make gpu-check` runs, in its --quick form on this CPU (the
+    "auto" kernel here is the native one): rows per context, both
+    implementations agreeing, bandwidth fractions present."""
+    out = tmp_path / "attention_gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distkv_jax.bench", "attention", "--preset=gpu", "--quick",
+         f"--output_json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["preset"] == "gpu" and result["dtype"] == "bfloat16"
+    assert result["attention_impl"] == "native" and len(result["rows"]) == 2
+    for row in result["rows"]:
+        assert row["reference_ms"] > 0 and row["native_ms"] > 0
+        assert 0 < row["native_fraction_of_stream_bw"] and row["max_abs_diff"] <= 1e-5

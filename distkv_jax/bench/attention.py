@@ -22,6 +22,14 @@ kernel runs on one thread) KV bytes read per second at --bandwidth_context, agai
 bandwidth measured two ways: XLA streaming read (jnp.sum over 1 GiB on one
 CPU device; XLA may use both cores) and one-thread numpy sum.
 
+`--preset gpu` (what `make gpu-check` runs on an NVIDIA GPU): no mesh rows
+(one accelerator); per context, one decode step of --gpu_sequences sequences
+over bfloat16 pages (Llama-3-8B's attention shape) with the jnp reference and
+the "auto" kernel (the Triton kernel on a GPU), their KV bytes read per second
+against the device's measured streaming-read bandwidth (jnp.sum over 1 GiB),
+and a bfloat16 prefill chunk. Run on a CPU it measures the same with the
+native kernel (the test suite's --quick form does).
+
 And a prefill point: MicroAttention alone on one device for one chunk of
 --prefill_chunk new tokens at a context of --prefill_context tokens, with the
 workload benchmark's heads (--prefill_heads query = KV heads of head_dim
@@ -36,13 +44,14 @@ import json
 import math
 import os
 import platform
+import time
 
 import numpy as np
 from absl import flags
 
 from distkv_jax.attention_plan import MAX_RUN, choose_run
-from distkv_jax.bench.common import (median_time, pyplot, save_figure, stream_read_bandwidth,
-                                     write_json)
+from distkv_jax.bench.common import (cpu_model, median_time, pyplot, save_figure,
+                                     stream_read_bandwidth, write_json)
 from distkv_jax.mesh import simulate_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -58,6 +67,11 @@ flags.DEFINE_integer("prefill_context", 4096, "prefill point: context (tokens) a
 flags.DEFINE_integer("prefill_chunk", 256, "prefill point: new tokens in the chunk")
 flags.DEFINE_integer("prefill_heads", 8, "prefill point: query heads = KV heads")
 flags.DEFINE_integer("prefill_head_dim", 8, "prefill point: head dimension")
+flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"],
+                  "cpu: the mesh comparisons on simulated CPU devices (above); gpu: MicroAttention "
+                  "on one accelerator, bfloat16 pages, long contexts, against its memory-bandwidth floor")
+flags.DEFINE_list("gpu_contexts", ["8192", "32768", "131072", "524288"], "contexts (tokens), gpu preset")
+flags.DEFINE_integer("gpu_sequences", 8, "sequences per decode step, gpu preset")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/attention.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/attention.png", "plot ('' to skip)")
@@ -242,8 +256,81 @@ def _prefill_point(N, chunk, bs, H, D, iters):
     return out
 
 
+def _gpu_decode_point(N, seqs, bs, Hq, Hkv, D, iters, impls):
+    """One decode step of `seqs` sequences of N tokens, bfloat16 pages (stored
+    as their bits, as the engine stores them), blocks in random pool order."""
+    import jax
+    import jax.numpy as jnp
+
+    from distkv_jax.attention_plan import PoolGeometry, SeqQuery, build_attention_plan
+    from distkv_jax.kernels.micro_attention import micro_attention
+
+    nb = -(-N // bs)
+    pages = seqs * nb
+    key = jax.random.key(0)
+
+    @jax.jit
+    def make():
+        k = jax.random.normal(key, (pages, bs, Hkv, D), jnp.bfloat16)
+        v = jax.random.normal(jax.random.fold_in(key, 1), (pages, bs, Hkv, D), jnp.bfloat16)
+        return (jax.lax.bitcast_convert_type(k, jnp.uint16), jax.lax.bitcast_convert_type(v, jnp.uint16))
+
+    k, v = make()
+    perm = np.random.default_rng(0).permutation(pages)
+    queries = [SeqQuery(0, i, [N - 1], perm[i * nb:(i + 1) * nb].tolist()) for i in range(seqs)]
+    plan = build_attention_plan(queries, PoolGeometry(1, pages, bs), seqs)
+    rows = plan.tile_rows
+    q = jax.random.normal(jax.random.fold_in(key, 2), (rows.shape[0], 1, Hkv, Hq // Hkv, D), jnp.bfloat16)
+    q_pos = jnp.asarray(np.where(rows >= 0, plan.positions[np.maximum(rows, 0)], -1), jnp.int32)
+    args = (q, q_pos, k, v, *(jnp.asarray(a.reshape(-1)) for a in
+                              (plan.item_tile, plan.item_block, plan.item_kstart)))
+    kv_bytes = 2 * seqs * N * Hkv * D * 2  # the KV a step must read (bfloat16)
+    out = {"context": N, "sequences": seqs, "run": plan.run, "kv_bytes": int(kv_bytes)}
+    res = {}
+    for impl in impls:
+        fn = jax.jit(functools.partial(micro_attention, scale=D ** -0.5, run=plan.run, impl=impl))
+        t0 = time.perf_counter()
+        res[impl] = np.asarray(fn(*args)[0])
+        out[f"{impl}_first_call_s"] = time.perf_counter() - t0
+        t = median_time(lambda: fn(*args)[0].block_until_ready(), iters)
+        out.update({f"{impl}_ms": t * 1e3, f"{impl}_kv_read_GBps": kv_bytes / t / 1e9})
+    out["max_abs_diff"] = float(np.abs(res[impls[-1]] - res[impls[0]]).max())
+    del k, v
+    return out
+
+
+def _gpu_main() -> None:
+    import jax
+
+    from distkv_jax.kernels.micro_attention import resolve_impl
+
+    bs, Hq, Hkv, D = FLAGS.block_size, FLAGS.num_heads, FLAGS.num_kv_heads, FLAGS.head_dim
+    contexts, seqs, iters = [int(c) for c in FLAGS.gpu_contexts], FLAGS.gpu_sequences, FLAGS.iters
+    if FLAGS.quick:
+        contexts, seqs, Hq, Hkv, D, iters = [512, 2048], 2, 4, 2, 64, 2
+    dev = jax.devices()[0]
+    auto = resolve_impl("auto", dev.platform, D, bs)
+    impls = ("reference", auto) if auto != "reference" else ("reference",)
+    bw = stream_read_bandwidth(iters, 0.25 if FLAGS.quick else 1.0)
+    rows = []
+    for N in contexts:
+        row = _gpu_decode_point(N, seqs, bs, Hq, Hkv, D, iters, impls)
+        for impl in impls:
+            row[f"{impl}_fraction_of_stream_bw"] = row[f"{impl}_kv_read_GBps"] / bw["xla_stream_read_GBps"]
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+              flush=True)
+    result = {"bench": "attention", "preset": "gpu", "device": dev.device_kind,
+              "platform": dev.platform, "block_size": bs, "num_heads": Hq, "num_kv_heads": Hkv,
+              "head_dim": D, "dtype": "bfloat16", "attention_impl": auto, "rows": rows,
+              "bandwidth": bw, "cpu": cpu_model(), "quick": FLAGS.quick}
+    write_json(FLAGS.output_json, result)
+
+
 def main(argv) -> None:
     del argv
+    if FLAGS.preset == "gpu":
+        return _gpu_main()
     pre = (FLAGS.prefill_context, FLAGS.prefill_chunk, FLAGS.prefill_heads, FLAGS.prefill_head_dim)
     if FLAGS.quick:
         contexts, Hq, Hkv, D, iters, bw_ctx = [256, 1024], 4, 2, 16, 2, 1024

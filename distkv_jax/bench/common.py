@@ -82,17 +82,22 @@ def cpu_model() -> str:
 
 def make_llama_dir(path: str, dims: dict) -> None:
     """A random-weight Llama (transformers, seed 0) saved as a Hugging Face
-    directory; dims: hidden, layers, heads, kv_heads, intermediate, vocab."""
+    directory; dims: hidden, layers, heads, kv_heads, intermediate, vocab
+    (optional: max_position, save_dtype)."""
     import torch
     import transformers
 
     config = transformers.LlamaConfig(
         vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
         num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
-        num_key_value_heads=dims["kv_heads"], max_position_embeddings=4096, initializer_range=0.05,
+        num_key_value_heads=dims["kv_heads"],
+        max_position_embeddings=dims.get("max_position", 4096), initializer_range=0.05,
         bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    model = transformers.LlamaForCausalLM(config)
+    if dims.get("save_dtype") == "bfloat16":  # half the bytes on disk and to load
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path)
 
 
 def take_turns(runs, slice_steps: int) -> None:

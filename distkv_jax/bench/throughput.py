@@ -58,6 +58,12 @@ flags.DEFINE_integer("max_num_batched_tokens", 512, "token budget per step")
 flags.DEFINE_string("attention_impl", "auto", "MicroAttention implementation (auto: native C++ on CPU)")
 flags.DEFINE_bool("reference_row", True, "also time our decode-heavy run with the jnp reference "
                   "MicroAttention (what the native kernel buys)")
+flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"],
+                  "gpu: a model with Llama-3-8B's attention and MLP shape (4 layers), bfloat16, "
+                  "long contexts, no transformers row (what `make gpu-check` runs)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "distkv-jax's dtype (transformers: float32)")
+flags.DEFINE_bool("transformers", True, "time transformers' generate beside ours")
+flags.DEFINE_bool("second_start", True, "time a second process starting on the warm compilation cache")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/throughput.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/throughput.png", "plot ('' to skip)")
@@ -108,29 +114,31 @@ def _prompts(n_req, prompt_len, vocab):
     return np.random.default_rng(0).integers(3, vocab, size=(n_req, prompt_len)).tolist()
 
 
-def _workload(name, llm, path, n_req, prompt_len, new_tokens, vocab, cfg, bw):
+def _workload(name, llm, path, n_req, prompt_len, new_tokens, vocab, cfg, bw, itemsize=4,
+              with_transformers=True):
     prompts = _prompts(n_req, prompt_len, vocab)
     ours_s, ours_tok, log, first_s, first_compiled = _ours_run(llm, prompts, new_tokens)
-    hf_s, hf_tok = _hf_run(path, prompts, new_tokens)
     generated = n_req * new_tokens
-    same = sum(a == b for a, b in zip(ours_tok, hf_tok))
     decode_steps = [s for p, d, s in log if p == 0 and d > 0]
     row = {
         "workload": name, "requests": n_req, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-        "distkv_s": ours_s, "transformers_s": hf_s,
-        "distkv_tok_per_s": generated / ours_s, "transformers_tok_per_s": generated / hf_s,
-        "speedup": hf_s / ours_s,
+        "distkv_s": ours_s, "distkv_tok_per_s": generated / ours_s,
         "distkv_total_tok_per_s": n_req * (prompt_len + new_tokens) / ours_s,
-        "transformers_total_tok_per_s": n_req * (prompt_len + new_tokens) / hf_s,
-        "identical_outputs": f"{same}/{n_req}", "steps": len(log),
-        "first_call_s": first_s, "first_over_warm": first_s / ours_s,
+        "steps": len(log), "first_call_s": first_s, "first_over_warm": first_s / ours_s,
         "first_call_compiled_programs": first_compiled,
     }
+    if with_transformers:
+        hf_s, hf_tok = _hf_run(path, prompts, new_tokens)
+        same = sum(a == b for a, b in zip(ours_tok, hf_tok))
+        row.update({"transformers_s": hf_s, "transformers_tok_per_s": generated / hf_s,
+                    "speedup": hf_s / ours_s,
+                    "transformers_total_tok_per_s": n_req * (prompt_len + new_tokens) / hf_s,
+                    "identical_outputs": f"{same}/{n_req}"})
     if decode_steps:
         step = float(np.median(decode_steps))
-        weights = 4 * _param_count(cfg)
+        weights = itemsize * _param_count(cfg)
         avg_ctx = prompt_len + new_tokens / 2
-        kv = 2 * 4 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * avg_ctx * n_req
+        kv = 2 * itemsize * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * avg_ctx * n_req
         floor = (weights + kv) / (bw["xla_stream_read_GBps"] * 1e9)
         row.update({"decode_step_ms": step * 1e3, "decode_bytes_per_step": int(weights + kv),
                     "decode_floor_ms": floor * 1e3, "decode_step_over_floor": step / floor})
@@ -168,10 +176,20 @@ def main(argv) -> None:
     loads = [("decode-heavy", FLAGS.decode_requests, FLAGS.decode_prompt, FLAGS.decode_new),
              ("prefill-heavy", FLAGS.prefill_requests, FLAGS.prefill_prompt, FLAGS.prefill_new)]
     mnbt = FLAGS.max_num_batched_tokens
+    dtype, with_hf = FLAGS.dtype, FLAGS.transformers
+    if FLAGS.preset == "gpu":
+        dims = dict(hidden=4096, layers=4, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+                    max_position=131072, save_dtype="bfloat16")
+        loads = [("decode-heavy", 64, 2048, 256), ("prefill-heavy", 16, 8192, 8),
+                 ("long-context", 2, 65536, 128)]
+        mnbt, dtype, with_hf = 2048, "bfloat16", False
     if FLAGS.quick:
         dims = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512)
         mnbt = 64
         loads = [("decode-heavy", 4, 16, 8), ("prefill-heavy", 2, 64, 2)]
+        if FLAGS.preset == "gpu":  # the preset's form at test size: bfloat16, a long-context row
+            dims["max_position"] = 4096
+            loads.append(("long-context", 1, 512, 4))
     from distkv_jax import LLM
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,10 +197,10 @@ def main(argv) -> None:
         _make_model(path, dims)
         max_ctx = max(p + n for _, _, p, n in loads)
         max_req = max(r for _, r, _, _ in loads)
-        kv_blocks = max_req * (-(-max_ctx // FLAGS.block_size)) + 8
+        kv_blocks = max(r * -(-(p + n) // FLAGS.block_size) for _, r, p, n in loads) + 8
 
         engine_kw = dict(mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
-                         max_num_seqs=max_req, max_num_batched_tokens=mnbt)
+                         max_num_seqs=max_req, max_num_batched_tokens=mnbt, dtype=dtype)
 
         def make_llm(impl, **kw):
             return LLM(path, attention_impl=impl, **engine_kw, **kw)
@@ -192,15 +210,17 @@ def main(argv) -> None:
         llm = make_llm(FLAGS.attention_impl, compile_cache_dir=cache)
         startup = {"first_start_s": time.perf_counter() - t0,
                    "first_start": dict(llm.engine.warm_start_info or {})}
-        startup["second_start"] = _second_start(path, dict(engine_kw, attention_impl=FLAGS.attention_impl,
-                                                           compile_cache_dir=cache))
-        startup["second_over_first_start"] = (startup["second_start"]["warm_start"]["seconds"]
-                                              / startup["first_start"]["seconds"])
+        if FLAGS.second_start:
+            startup["second_start"] = _second_start(path, dict(engine_kw, attention_impl=FLAGS.attention_impl,
+                                                               compile_cache_dir=cache))
+            startup["second_over_first_start"] = (startup["second_start"]["warm_start"]["seconds"]
+                                                  / startup["first_start"]["seconds"])
         print(json.dumps({"startup": startup}), flush=True)
         bw = stream_read_bandwidth(3, 0.5)
         rows = []
         for name, n_req, p, n in loads:
-            rows.append(_workload(name, llm, path, n_req, p, n, dims["vocab"], llm.model_config, bw))
+            rows.append(_workload(name, llm, path, n_req, p, n, dims["vocab"], llm.model_config, bw,
+                                  itemsize=2 if dtype == "bfloat16" else 4, with_transformers=with_hf))
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                   flush=True)
         compiles = llm.engine.compiled_programs()
@@ -220,7 +240,8 @@ def main(argv) -> None:
                                                              "native_over_reference_attention")}), flush=True)
     result = {"bench": "throughput", "model": dims, "params": _param_count(model_config),
               "rows": rows, "bandwidth": bw, "compiled_programs": compiles, "mesh": "1x1",
-              "startup": startup, "cpu": cpu_model(),
+              "startup": startup, "cpu": cpu_model(), "dtype": dtype, "preset": FLAGS.preset,
+              "device": _device_kind(),
               "attention_impl": impl,
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)
@@ -228,9 +249,15 @@ def main(argv) -> None:
         _plot(rows, FLAGS.output_png)
 
 
+def _device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
 def _plot(rows, path):
     plt = pyplot()
-    if plt is None:
+    if plt is None or any("transformers_tok_per_s" not in r for r in rows):
         return
     names = [r["workload"] for r in rows]
     x = np.arange(len(rows))
