@@ -18,9 +18,15 @@ never moved: they are charged to no debtor, so no debt asks for it, and the
 planners skip them. A private block that is registered in the prefix cache
 moves with its hash.
 
-Both planners mutate the managers and the block table as they plan, and
+Reclaim (lending that can be taken back): a creditor whose own requests
+need the blocks it has lent moves the borrowers' data elsewhere: to the
+borrower's home when it has a free block, else to the instance with the most
+lendable free blocks; one move per block, bounded per step with migration.
+
+All planners mutate the managers and the block table as they plan, and
 return the (src, dst) device block moves that the engine must execute.
-Neither ever increases the number of remote blocks.
+Cycle rotation and return-home migration never increase the number of remote
+blocks; a reclaim move may keep a block remote (on another creditor).
 """
 from __future__ import annotations
 
@@ -162,5 +168,57 @@ def return_home(
             gm.free(home, [old])
             if h is not None:
                 mgr.register(new, h)
+            moves.append((old, new))
+    return moves
+
+
+def reclaim(
+    gm: GlobalManager,
+    table: BlockTable,
+    running: Running,
+    creditor: int,
+    want: int,
+    exclude: set[int] | frozenset = frozenset(),
+) -> list[tuple[int, int]]:
+    """Take back up to ``want`` of ``creditor``'s lent blocks by moving each
+    borrower's data to another instance with a free-list block: its own home
+    first (the block comes home), else the instance with the most lendable
+    free blocks (ties: lowest id). Borrowers are taken newest first, each from
+    its last block back; shared blocks and ``exclude`` (blocks written by an
+    earlier move of the same batch) stay. Returns the (src, dst) moves; every
+    source block is free on ``creditor`` afterwards."""
+    moves: list[tuple[int, int]] = []
+    if want <= 0 or gm.managers[creditor].lent == 0:
+        return moves
+    bpi = table.blocks_per_instance
+    mgr = gm.managers[creditor]
+    for rid, home in reversed(list(running)):
+        if len(moves) >= want:
+            break
+        if home == creditor:
+            continue
+        ids = table.blocks(rid)
+        for k in np.flatnonzero(ids // bpi == creditor)[::-1].tolist():
+            if len(moves) >= want:
+                break
+            old = int(ids[k])
+            if old in exclude or not mgr.is_private(old):
+                continue
+            room = np.asarray([m.num_unused if c == home else m.lendable_unused
+                               for c, m in enumerate(gm.managers)], dtype=np.int64)
+            room[creditor] = -1
+            dest = home if room[home] > 0 else int(np.argmax(room))
+            if room[dest] <= 0:
+                return moves  # no free block anywhere else: nothing more to move
+            if dest == home:
+                (new,) = gm.managers[home].allocate_local(1)
+            else:
+                (new,) = gm.managers[dest].allocate_remote(home, 1)
+                gm.ledger[home, dest] += 1
+            table.set(rid, k, new)
+            h = mgr.unregister(old)
+            gm.free(home, [old])
+            if h is not None:
+                gm.managers[dest].register(new, h)
             moves.append((old, new))
     return moves

@@ -433,6 +433,10 @@ class Engine:
             "prefix_cache_hits_remote": kv.prefix_hits_remote.tolist(),
             "prefix_cache_blocks": kv.num_cached_blocks().tolist(),   # evictable, per instance
             "prefix_cache_evictions": [m.evictions for m in kv.gm.managers],
+            # reclaimable lending, per creditor instance: lent blocks taken
+            # back by moving the borrower's data, or by preempting the borrower
+            "kv_reclaimed_moved": kv.reclaimed_moved.tolist(),
+            "kv_reclaimed_preempted": kv.reclaimed_preempted.tolist(),
             "stats": dict(self.stats),
         }
 

@@ -41,7 +41,9 @@ class EngineArgs:
     host_kv_blocks: int = _field(0, "host-memory KV blocks per instance (swap space)")
     kv_policy: str = _field("distributed", "distributed: requests may borrow KV blocks of other "
                             "instances; local: each request is confined to its instance", POLICIES)
-    lend_fraction: float = _field(0.9, "share of an instance's KV blocks it may lend at once")
+    lend_fraction: float = _field(1.0, "share of an instance's KV blocks it may lend at once "
+                                  "(1.0: any free block; lent blocks are taken back when the "
+                                  "lender needs them)")
     migrate_tokens_per_step: int = _field(16, "KV migrated toward its home per step, in tokens "
                                           "(rounded up to whole blocks; 0: no migration)")
     enable_prefix_caching: bool = _field(True, "reuse the KV of cached prompt prefixes (full "

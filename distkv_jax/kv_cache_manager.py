@@ -13,6 +13,18 @@ block table, and turns scheduler events into plans for the device:
     plan_migration(max_blocks=None) -> CopyPlan  # both, within the per-step budget
     prepare_step(demands) -> StepKVPlan      # all of the above for one engine step
 
+Reclaimable lending: an instance lends any free block (lend_fraction 1.0 by
+default) and takes lent blocks back when its own requests need them. When a
+request's home has too few free blocks but has lent some, ``grow`` first
+moves borrowers' blocks to their homes or to other instances with free
+blocks (bounded per step, with migration, and not once a request was
+preempted this step: a move must not land in a block whose data is still to
+be swapped out, nor in one an earlier move of the batch wrote). When memory is exhausted, the borrowers of the home's blocks
+are preempted (newest first, after any newer request that would help),
+whatever their age: blocks lent are lent on the condition that they come
+back. A preempted borrower is swapped in again only when it fits and leaves
+every instance a block of headroom per running request homed there.
+
 Prefix cache and forks (blocks shared by several readers):
 
     reuse_prefix(rid, tokens) -> int         # longest cached prefix, in whole blocks
@@ -76,6 +88,16 @@ class _Allocation:
     promised: list[bytes] = field(default_factory=list)  # prompt blocks it is computing
 
 
+@dataclass
+class _StepState:
+    """Planning state shared by the growths of one step."""
+
+    budget: int                                   # device moves left this step
+    dests: set = field(default_factory=set)      # blocks written by this step's moves
+    preempted: bool = False                       # a request was taken off this step
+    grown: dict = field(default_factory=dict)     # request id -> KV length before this step
+
+
 class KVCacheManager:
     def __init__(self, config: KVCacheConfig) -> None:
         self.config = config
@@ -98,6 +120,11 @@ class KVCacheManager:
         self.prefix_queries = np.zeros(I, np.int64)
         self.prefix_hits_local = np.zeros(I, np.int64)
         self.prefix_hits_remote = np.zeros(I, np.int64)
+        # blocks creditors took back (by instance): moved away, or freed by
+        # preempting the borrower
+        self.reclaimed_moved = np.zeros(I, np.int64)
+        self.reclaimed_preempted = np.zeros(I, np.int64)
+        self._step_state: _StepState | None = None
 
     # ------------------------------------------------------------------ queries
     def requests(self) -> list[RequestId]:
@@ -133,6 +160,13 @@ class KVCacheManager:
 
     def free_device_blocks(self) -> np.ndarray:
         return self.gm.free_counts()
+
+    def reclaimable(self, instance: int) -> int:
+        """Blocks ``instance`` has lent to running requests: it can take them
+        back for its own requests (moving or preempting the borrowers)."""
+        if self.config.kv_policy == "local":
+            return 0
+        return self.gm.managers[instance].lent
 
     def free_host_blocks(self) -> np.ndarray:
         return self.host.free_counts()
@@ -361,9 +395,12 @@ class KVCacheManager:
     def grow(self, rid: RequestId, n: int) -> GrowResult:
         """Allocate slots for ``n`` new tokens of a running request.
 
-        When the blocks cannot be found, the newest running requests that are
-        newer than this one and whose blocks would help are preempted, newest
-        first; if none is left, this request itself is preempted.
+        When the home instance is short of free blocks but has lent some, the
+        borrowers' blocks are moved away first (reclaim, within the step's
+        move budget). When the blocks cannot be found, the newest running
+        requests that are newer than this one and whose blocks would help are
+        preempted, newest first; then borrowers of the home's blocks (any
+        age, newest first); if none is left, this request itself is preempted.
         """
         r = self._reqs[rid]
         if r.state != RUNNING:
@@ -375,19 +412,61 @@ class KVCacheManager:
         if total > self.config.max_request_blocks(r.home):
             return GrowResult(rid, "too_long", start, n, _EMPTY_SLOTS)
         need = total - self.table.num_blocks(rid)
+        # reclaim moves are planned within a step (prepare_step), which runs
+        # them with its migration moves; a growth outside one only preempts
+        st = self._step_state or _StepState(0)
+        moves: list[tuple[int, int]] = []
+        home = self.gm.managers[r.home]
+        short = need - home.num_unused
+        if short > 0 and home.lent > 0 and st.budget > 0 and not st.preempted \
+                and self.config.kv_policy != "local":
+            moves = defrag.reclaim(self.gm, self.table, self._running(), r.home,
+                                   min(short, st.budget), st.dests)
+            st.budget -= len(moves)
+            st.dests.update(d for _, d in moves)
+            self.reclaimed_moved[r.home] += len(moves)
+        plan = CopyPlan("move", tuple(moves))
         preemptions: list[Preemption] = []
         while need > 0 and self.gm.available_for(r.home) < need:
             victim = self._pick_victim(r)
             if victim is None:
                 preemptions.append(self._preempt(r))
-                return GrowResult(rid, "preempted", start, n, _EMPTY_SLOTS, tuple(preemptions))
+                st.preempted = True
+                return GrowResult(rid, "preempted", start, n, _EMPTY_SLOTS, tuple(preemptions),
+                                  plan)
+            if victim.seq < r.seq:  # an older borrower: the home takes its blocks back
+                self.reclaimed_preempted[r.home] += self._blocks_on(victim, r.home)
+                if victim.rid in st.grown:  # grown earlier this step: undo, nothing was written
+                    self._shrink(victim, st.grown[victim.rid])
             preemptions.append(self._preempt(victim))
+            st.preempted = True
         if need > 0:
             ids = self.gm.allocate(r.home, need)
             assert ids is not None
             self.table.append(rid, ids)
         r.num_tokens = start + n
-        return GrowResult(rid, "ok", start, n, self.table.slots(rid, start, n), tuple(preemptions))
+        if self._step_state is not None:
+            self._step_state.grown.setdefault(rid, start)
+        return GrowResult(rid, "ok", start, n, self.table.slots(rid, start, n), tuple(preemptions),
+                          plan)
+
+    def _shrink(self, r: _Allocation, num_tokens: int) -> None:
+        """Back to ``num_tokens`` of KV: the blocks past them (allocated for
+        tokens not yet written) are let go of."""
+        keep = self.blocks_needed(num_tokens)
+        ids = self.table.blocks(r.rid).tolist()
+        if len(ids) > keep:
+            self.table.clear(r.rid)
+            self.table.append(r.rid, ids[:keep])
+            self.gm.free(r.home, ids[keep:][::-1])
+        r.num_tokens = num_tokens
+
+    def _blocks_on(self, r: _Allocation, instance: int) -> int:
+        """Private blocks of ``r`` on ``instance``."""
+        m = self.gm.managers[instance]
+        ids = self.table.blocks(r.rid)
+        return sum(1 for g in ids[ids // self.config.blocks_per_instance == instance].tolist()
+                   if m.is_private(g))
 
     def _gain(self, victim: _Allocation, home: int) -> int:
         """How many more blocks a request homed on ``home`` could get if
@@ -419,10 +498,17 @@ class KVCacheManager:
         return gain
 
     def _pick_victim(self, r: _Allocation) -> _Allocation | None:
-        for v in reversed(self._ordered(RUNNING)):
+        running = self._ordered(RUNNING)
+        for v in reversed(running):      # newer requests first (FCFS)
             if v.seq <= r.seq:
-                return None
+                break
             if self._gain(v, r.home) > 0:
+                return v
+        if self.config.kv_policy == "local" or self.gm.managers[r.home].lent == 0:
+            return None
+        for v in reversed(running):      # reclaim: older borrowers of the home's blocks
+            if v.seq < r.seq and v.home != r.home and self._blocks_on(v, r.home) > 0 \
+                    and self._gain(v, r.home) > 0:
                 return v
         return None
 
@@ -451,11 +537,16 @@ class KVCacheManager:
         return Preemption(r.rid, "swap", CopyPlan("swap_out", tuple(zip(ids, host))))
 
     def can_swap_in(self, rid: RequestId, extra_tokens: int = 0) -> bool:
+        """It and its next tokens fit, leaving one free block per running
+        request on every instance (so that a request swapped back in is not
+        at once taken back by a creditor's growing requests)."""
         r = self._reqs[rid]
         need = self.blocks_needed(r.num_tokens + extra_tokens)
         if need > self.config.max_request_blocks(r.home):
             return False
-        return self.gm.available_for(r.home) >= need
+        headroom = len(self._ordered(RUNNING)) if self.config.kv_policy != "local" else \
+            sum(1 for q in self._ordered(RUNNING) if q.home == r.home)
+        return self.gm.available_for(r.home) >= need + headroom
 
     def swap_in(self, rid: RequestId) -> CopyPlan | None:
         """Bring a swapped request back to device blocks, or None if no room."""
@@ -515,6 +606,8 @@ class KVCacheManager:
         ordered = sorted((self._reqs[rid] for rid in want), key=lambda r: r.seq)
         swapped_at_start = [r for r in ordered if r.state == SWAPPED]
         moves = self.plan_migration()
+        self._step_state = _StepState(max(0, self.config.migrate_blocks_per_step - len(moves)),
+                                      {d for _, d in moves.pairs})
 
         scheduled = []
         preempted: list[Preemption] = []
@@ -525,6 +618,7 @@ class KVCacheManager:
             if r.state != RUNNING or r.rid in gone:
                 continue
             res = self.grow(r.rid, want[r.rid])
+            moves = moves.concat(res.moves)
             for p in res.preemptions:
                 preempted.append(p)
                 gone.add(p.request_id)
@@ -533,6 +627,9 @@ class KVCacheManager:
                 scheduled.append((r.rid, res.start, res.num_new))
             elif res.status == "too_long":
                 too_long.append(r.rid)
+        # a borrower scheduled earlier in the step may have been taken off
+        # since (reclaim): it runs no tokens this step
+        scheduled = [x for x in scheduled if x[0] not in gone]
 
         swap_in = CopyPlan("swap_in")
         swapped_in, deferred = [], []
@@ -545,12 +642,14 @@ class KVCacheManager:
                 deferred.append(r.rid)
                 continue
             swap_in = swap_in.concat(self.swap_in(r.rid))
+            self._step_state.budget = 0  # no reclaim moves once swap-ins are planned
             res = self.grow(r.rid, n)
-            assert res.status == "ok" and not res.preemptions
+            assert res.status == "ok" and not res.preemptions and not res.moves
             swapped_in.append(r.rid)
             scheduled.append((r.rid, res.start, res.num_new))
 
         forks, self._forks = CopyPlan("move", tuple(self._forks)), []
+        self._step_state = None
         return StepKVPlan(
             forks=forks,
             moves=moves,

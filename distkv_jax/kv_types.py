@@ -29,7 +29,10 @@ class KVCacheConfig:
 
     lend_fraction: the share of an instance's device blocks that may be lent
       to other instances at any time (cap = floor(lend_fraction * blocks)).
-      Ignored (no lending) under ``kv_policy="local"``.
+      Default 1.0: an instance lends any free block, and takes lent blocks
+      back when its own requests need them (reclaim: the borrower's blocks
+      move elsewhere, or the borrower is preempted). Ignored (no lending)
+      under ``kv_policy="local"``.
     migrate_tokens_per_step: migration budget per step, in tokens of KV. The
       block budget is ``ceil(migrate_tokens_per_step / block_size)`` blocks
       (at least 1 when the token budget is positive). The default of 16
@@ -54,7 +57,7 @@ class KVCacheConfig:
     block_size: int = 16
     host_blocks_per_instance: int = 0
     kv_policy: KVPolicy = "distributed"
-    lend_fraction: float = 0.9
+    lend_fraction: float = 1.0
     migrate_tokens_per_step: int = 16
     home_reserve_blocks: int = 0
     enable_prefix_caching: bool = False
@@ -184,6 +187,13 @@ class GrowResult:
     num_new: int
     slots: np.ndarray
     preemptions: tuple[Preemption, ...] = ()
+    # reclaim moves planned for this growth (run with the step's moves, before
+    # the preemptions' swap-outs): borrowers' blocks leaving the home instance
+    moves: CopyPlan | None = None  # None: no moves (normalized to an empty plan)
+
+    def __post_init__(self) -> None:
+        if self.moves is None:
+            object.__setattr__(self, "moves", CopyPlan("move"))
 
 
 @dataclass(frozen=True)

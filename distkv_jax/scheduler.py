@@ -241,9 +241,15 @@ class Scheduler:
                     r.num_computed = r.prompt_len - 1
                 else:
                     r.num_computed = self._reuse(r)
-                # The first chunk must fit in free blocks (keeping a watermark),
-                # so admitting never preempts a running request.
-                room = (self.kv.gm.available_for(inst) - cfg.watermark_blocks) * self.geom.block_size
+                # The first chunk must fit in free blocks (keeping a
+                # watermark) or in blocks its instance lent and can take back
+                # (reclaim); otherwise admitting never preempts a running request.
+                # The watermark only guards running requests: with none, the
+                # last free block may go (a request whose cached prefix leaves
+                # it one block short would otherwise wait forever).
+                busy = sum(load) > 0            # running or swapped requests
+                room = (self.kv.gm.available_for(inst) + self.kv.reclaimable(inst)
+                        - (cfg.watermark_blocks if busy else 0)) * self.geom.block_size
                 if room <= 0:                   # undo: it waits, FCFS (no overtaking)
                     self.kv.finish(r.request_id)
                     r.status, r.instance, r.num_computed = WAITING, -1, 0

@@ -35,6 +35,7 @@ class Shadow:
         dst_arr[plan.dst] = vals
 
     def grow(self, res: GrowResult, seq: int) -> None:
+        self.copy(res.moves)  # reclaim moves run first (with the step's moves)
         for p in res.preemptions:
             self.copy(p.swap_out)
         if res.status == "ok" and res.num_new:

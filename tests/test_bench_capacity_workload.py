@@ -42,8 +42,18 @@ def test_bench_capacity_quick(tmp_path):
     assert dist["longest_prompt"] > local["longest_prompt"]
     assert local["kv_tokens_used"] <= result["kv_blocks_per_instance"] * result["block_size"]
     assert dist["over_local"] > 1
+    # lending every free block: one request uses the whole mesh's device KV
+    # (the last block may be partly empty); a fixed cap strands memory
+    capped = rows[(I, "distributed@0.5")]
+    assert dist["fraction_of_device_kv"] >= 0.99 > capped["fraction_of_device_kv"]
+    assert capped["longest_prompt"] < dist["longest_prompt"]
     # a host tier holds preempted requests, not a running one's KV
     assert host["longest_prompt"] == dist["longest_prompt"]
+    # creditors take their blocks back: every request completes, the long
+    # one unchanged
+    for sc in result["reclaim"]:
+        assert sc["all_completed"] and sc["long_equals_alone"], sc
+        assert sc["reclaimed_moved"] + sc["reclaimed_preempted"] > 0, sc
     assert png.exists()
 
 

@@ -49,7 +49,9 @@ def test_config_validation_and_budget():
     assert cfg.migrate_blocks_per_step == 1  # 16 tokens of KV = 1 block of 16
     assert KVCacheConfig(4, 10, block_size=4).migrate_blocks_per_step == 4
     assert KVCacheConfig(4, 10, block_size=16, migrate_tokens_per_step=0).migrate_blocks_per_step == 0
-    assert cfg.lend_cap == 9  # floor(0.9 * 10)
+    assert cfg.lend_cap == 10  # the default lends every free block (reclaimable)
+    assert cfg.max_request_blocks(0) == 40  # one request may hold the whole mesh
+    assert KVCacheConfig(4, 10, lend_fraction=0.9).lend_cap == 9  # floor(0.9 * 10)
     assert KVCacheConfig(4, 10, kv_policy="local").lend_cap == 0
     with pytest.raises(ValueError):
         KVCacheConfig(4, 10, kv_policy="nope")
@@ -435,3 +437,91 @@ def test_scheduler_spreads_a_long_chunk_over_instances():
                                       np.arange(s.start, s.start + s.count))
     sched.advance(plan)
     assert long.num_computed == 64
+
+
+# ----------------------------------------------------------- reclaimable lending
+
+
+def _step(mgr, shadow, seq, demands):
+    plan = mgr.prepare_step(demands)
+    shadow.step(plan, lambda r: seq[r])
+    shadow.check(lambda r: seq[r])
+    check_invariants(mgr)
+    return plan
+
+
+def test_reclaim_moves_the_borrowers_blocks_to_free_memory():
+    """Instance 1 lent its blocks to A; when its own request B needs them and
+    instance 2 has free ones, A's data moves there and B gets local blocks."""
+    cfg = KVCacheConfig(3, 2, block_size=1, migrate_tokens_per_step=2)
+    mgr = KVCacheManager(cfg)
+    shadow, seq = Shadow(mgr), {"A": 0, "B": 1}
+    mgr.admit("A", 0)
+    _step(mgr, shadow, seq, [("A", 4)])          # 2 at home, 2 borrowed from instance 1
+    assert mgr.ledger().tolist() == [[0, 2, 0], [0, 0, 0], [0, 0, 0]]
+    mgr.admit("B", 1)
+    plan = _step(mgr, shadow, seq, [("B", 2)])
+    assert sorted(s // 2 for s, _ in plan.moves.pairs) == [1, 1]   # from instance 1 ...
+    assert sorted(d // 2 for _, d in plan.moves.pairs) == [2, 2]   # ... to instance 2
+    assert (np.asarray(mgr.block_ids("B")) // 2 == 1).all()         # B is local
+    assert mgr.ledger().tolist() == [[0, 0, 2], [0, 0, 0], [0, 0, 0]]
+    assert mgr.reclaimed_moved.tolist() == [0, 2, 0] and not plan.preempted
+
+
+def test_reclaim_moves_are_bounded_per_step():
+    cfg = KVCacheConfig(3, 4, block_size=1, migrate_tokens_per_step=1)
+    mgr = KVCacheManager(cfg)
+    shadow, seq = Shadow(mgr), {"A": 0, "B": 1}
+    mgr.admit("A", 0)
+    _step(mgr, shadow, seq, [("A", 8)])          # 4 borrowed from instance 1
+    mgr.admit("B", 1)
+    plan = _step(mgr, shadow, seq, [("B", 3)])
+    assert len(plan.moves) == 1                   # one move; the rest borrowed elsewhere
+    assert mgr.reclaimed_moved[1] == 1 and ("B", 0, 3) in plan.scheduled
+
+
+def test_reclaim_preempts_an_older_borrower_when_memory_is_exhausted():
+    """Nowhere to move A's blocks: A (older) is swapped out so that the
+    creditor's own request runs; A comes back once there is room."""
+    cfg = KVCacheConfig(2, 2, block_size=1, host_blocks_per_instance=4, migrate_tokens_per_step=2)
+    mgr = KVCacheManager(cfg)
+    shadow, seq = Shadow(mgr), {"A": 0, "B": 1}
+    mgr.admit("A", 0)
+    _step(mgr, shadow, seq, [("A", 4)])          # the whole mesh: 2 borrowed from instance 1
+    mgr.admit("B", 1)
+    plan = _step(mgr, shadow, seq, [("A", 0), ("B", 1)])
+    assert [(p.request_id, p.mode) for p in plan.preempted] == [("A", "swap")]
+    assert [s[0] for s in plan.scheduled] == ["B"]
+    assert mgr.state("A") == SWAPPED and mgr.reclaimed_preempted.tolist() == [0, 2]
+    assert (np.asarray(mgr.block_ids("B")) // 2 == 1).all()
+    mgr.finish("B")
+    plan = _step(mgr, shadow, seq, [("A", 0)])
+    assert plan.swapped_in == ("A",) and mgr.num_tokens("A") == 4
+    mgr.finish("A")
+    check_all_free(mgr)
+
+
+def test_reclaim_undoes_a_growth_planned_earlier_in_the_step():
+    """A grew this step (older: planned first), then B's growth reclaims A:
+    A's new block is let go of, A is swapped with the tokens it had, and it
+    is not scheduled."""
+    cfg = KVCacheConfig(2, 2, block_size=1, host_blocks_per_instance=4, migrate_tokens_per_step=0)
+    mgr = KVCacheManager(cfg)
+    shadow, seq = Shadow(mgr), {"A": 0, "B": 1}
+    mgr.admit("A", 0)
+    _step(mgr, shadow, seq, [("A", 3)])
+    mgr.admit("B", 1)
+    plan = _step(mgr, shadow, seq, [("A", 1), ("B", 2)])
+    assert [s[0] for s in plan.scheduled] == ["B"] and plan.preempted[0].request_id == "A"
+    assert mgr.num_tokens("A") == 3 and len(mgr.host_block_ids("A")) == 3
+    assert len(plan.swap_out) == 3
+
+
+def test_local_policy_never_reclaims():
+    cfg = KVCacheConfig(2, 2, block_size=1, kv_policy="local", host_blocks_per_instance=4)
+    mgr = KVCacheManager(cfg)
+    mgr.admit("A", 0)
+    assert mgr.grow("A", 2).status == "ok"
+    mgr.admit("B", 1)
+    assert mgr.grow("B", 2).status == "ok"
+    assert not mgr.reclaimed_moved.any() and not mgr.reclaimed_preempted.any()

@@ -143,3 +143,17 @@ def test_tight_seeded_sequences(n_inst, blocks, host, budget, seed):
     cfg = KVCacheConfig(n_inst, blocks, block_size=1, host_blocks_per_instance=host,
                         lend_fraction=1.0, migrate_tokens_per_step=budget)
     run_ops(cfg, random_ops(seed, 200, max_grow=3))
+
+
+def test_tight_sequences_exercise_reclaim():
+    """The random sequences above do reach both kinds of reclaim (moves and
+    borrower preemption), so the invariants were checked through them."""
+    moved = preempted = 0
+    for seed in range(30):
+        for host in (0, 2):
+            cfg = KVCacheConfig(4, 3, block_size=1, host_blocks_per_instance=host,
+                                lend_fraction=1.0, migrate_tokens_per_step=2)
+            mgr = run_ops(cfg, random_ops(seed, 200, max_grow=3))
+            moved += int(mgr.reclaimed_moved.sum())
+            preempted += int(mgr.reclaimed_preempted.sum())
+    assert moved > 0 and preempted > 0, (moved, preempted)

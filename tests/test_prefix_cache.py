@@ -112,8 +112,10 @@ def test_cache_on_equals_cache_off_equals_transformers(llama, waves, reference, 
                 assert sum(snap["prefix_cache_hits_remote"]) > 0, snap  # read in place elsewhere
             if kv_blocks == 6:                  # tight pools: cached prefixes were evicted
                 assert sum(snap["prefix_cache_evictions"]) > 0, snap
-            if case == "2x4-recompute":         # ... and borrowed blocks migrated home
-                assert eng.stats["migrated_blocks"] > 0, eng.stats
+            if case == "2x4-recompute":         # ... and lent blocks came back (migrated
+                back = (eng.stats["migrated_blocks"] + sum(snap["kv_reclaimed_moved"])
+                        + sum(snap["kv_reclaimed_preempted"]))   # home, or reclaimed)
+                assert back > 0, (eng.stats, snap["kv_reclaimed_preempted"])
             if case == "8x1":                   # a request's KV spans instances
                 assert eng.stats["max_remote_blocks"] > 0, eng.stats
         else:

@@ -80,6 +80,7 @@ class Model:
             self._reuse(rid)  # preempted for recompute: start on the cache, as the scheduler
         n = min(n, self._room(rid))
         res = m.grow(rid, n)
+        self.shadow.copy(res.moves)  # reclaim moves run first
         for p in res.preemptions:
             self.shadow.copy(p.swap_out)
         if res.status == "ok":

@@ -8,7 +8,10 @@ blocks per instance, and each configuration
   local:            kv_policy="local" (each request confined to its home
                     instance: per-instance paged serving, vLLM-style)
   distributed:      kv_policy="distributed" (a request borrows blocks from the
-                    other instances, up to their lending cap)
+                    other instances; the default lends every free block, which
+                    the lender takes back when its own requests need it)
+  distributed@F:    distributed with lend_fraction F (a fixed lending cap:
+                    e.g. distributed@0.9, the default before reclaim)
   distributed+host: distributed with --host_kv_blocks host blocks per instance
   local+host:       local with the same host tier
 
@@ -20,6 +23,13 @@ submission finishes with "error"; one that runs out of KV while generating
 finishes with "length" but fewer tokens). One LLM per (mesh, configuration)
 serves the whole search: after each generate every block is free again
 (checked), so each probe sees a clean engine.
+
+Then the reclaim scenario, on the largest mesh (lending every free block),
+with and without the host tier: a request of 90% of the mesh's KV borrows
+from every other instance; once its prompt is in the KV, one short request
+arrives per other instance. Reported: every request completed, the long
+one's tokens equal to its run alone, blocks reclaimed (moved / by
+preempting the long request), and when the shorts finished.
 
 Model: the built-in tiny Llama (hidden 64, 2 layers, 2 KV heads x 16 dims),
 float32, random prompt token ids (fixed seed).
@@ -52,7 +62,8 @@ flags.DEFINE_integer("host_kv_blocks", 20, "host KV blocks per instance (the +ho
 flags.DEFINE_integer("block_size", 16, "tokens per KV block")
 flags.DEFINE_integer("max_tokens", 4, "new tokens each probe request must generate")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per instance per step")
-flags.DEFINE_list("configs", ["local", "distributed", "distributed+host", "local+host"],
+flags.DEFINE_list("configs", ["local", "distributed@0.9", "distributed", "distributed+host",
+                               "local+host"],
                   "configurations to measure")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/capacity.json", "result file")
@@ -99,10 +110,52 @@ def _search(llm, tokens, hi, max_tokens) -> tuple[int, list]:
     return lo, probes
 
 
+def _reclaim_scenario(model, I, B, H, bs, M, tokens) -> dict:
+    """A long request borrowing most of the mesh, then one short request per
+    other instance, arriving once the long one's prompt is in the KV: every
+    request must complete (the creditors reclaim), and the long one's tokens
+    equal its run alone."""
+    from distkv_jax import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=M, ignore_eos=True)
+    long_n = int(0.9 * I * B * bs) - M
+    shorts = [tokens[k * 7:k * 7 + 3 * bs] for k in range(1, I)]
+    out = {"instances": I, "host_kv_blocks": H, "long_prompt": long_n,
+           "short_prompts": [len(p) for p in shorts]}
+    llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=H,
+              warm_start=False, max_num_seqs=I, max_num_batched_tokens=FLAGS.max_num_batched_tokens)
+    alone = llm.generate([tokens[:long_n]], params)[0].outputs[0].token_ids
+    eng = llm.engine
+    t0 = time.perf_counter()
+    long_id = eng.add_request(tokens[:long_n], params)
+    done = {}
+    while eng.scheduler.get(long_id).num_computed < long_n:
+        for o in eng.step(only_finished=True):
+            done[o.request_id] = (o, time.perf_counter() - t0)
+    out["long_borrowed_blocks"] = int(eng.kv.ledger()[eng.kv.home(long_id)].sum())
+    t1 = time.perf_counter()
+    ids = [eng.add_request(p, params) for p in shorts]
+    while eng.has_unfinished():
+        for o in eng.step(only_finished=True):
+            done[o.request_id] = (o, time.perf_counter() - t0)
+    snap = eng.metrics_snapshot()
+    out.update({
+        "all_completed": all(done[r][0].outputs[0].finish_reason == "length" for r in [long_id] + ids),
+        "long_equals_alone": done[long_id][0].outputs[0].token_ids == alone,
+        "reclaimed_moved": int(sum(snap["kv_reclaimed_moved"])),
+        "reclaimed_preempted": int(sum(snap["kv_reclaimed_preempted"])),
+        "preemptions": eng.stats["preemptions"],
+        "shorts_done_s_after_arrival": round(max(done[r][1] for r in ids) - (t1 - t0), 3),
+        "long_done_s": round(done[long_id][1], 3),
+    })
+    return out
+
+
 def main(argv) -> None:
     del argv
     if FLAGS.quick:
-        instances, B, H, M, configs = [2], 8, 8, 2, ["local", "distributed", "distributed+host"]
+        instances, B, H, M, configs = [2], 8, 8, 2, ["local", "distributed@0.5", "distributed",
+                                                     "distributed+host"]
     else:
         instances = [int(i) for i in FLAGS.instances]
         B, H, M, configs = FLAGS.kv_blocks, FLAGS.host_kv_blocks, FLAGS.max_tokens, list(FLAGS.configs)
@@ -120,19 +173,22 @@ def main(argv) -> None:
     rows = []
     for I in instances:
         for name in configs:
-            policy = name.split("+")[0]
+            policy, _, frac = name.split("+")[0].partition("@")
+            lend = float(frac) if frac else 1.0
             host = H if name.endswith("+host") else 0
             t0 = time.perf_counter()
             llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=host, warm_start=False,
-                      kv_policy=policy, max_num_seqs=4,
+                      kv_policy=policy, lend_fraction=lend, max_num_seqs=4,
                       max_num_batched_tokens=FLAGS.max_num_batched_tokens)
             limit = llm.engine.kv.max_request_tokens(0)
             # Bound: every device and host block of the mesh, plus one block.
             n, probes = _search(llm, tokens, I * (B + host) * bs + bs, M)
-            row = {"instances": I, "config": name, "kv_policy": policy, "kv_blocks": B,
+            row = {"instances": I, "config": name, "kv_policy": policy, "lend_fraction": lend,
+                   "kv_blocks": B,
                    "host_kv_blocks": host, "longest_prompt": n, "longest_request_tokens": n + M,
                    # tokens whose KV is cached when the last token is sampled
                    "kv_tokens_used": n + M - 1, "kv_tokens_device": I * B * bs,
+                   "fraction_of_device_kv": (n + M - 1) / (I * B * bs),
                    "control_plane_limit_tokens": limit, "probes": probes,
                    "seconds": round(time.perf_counter() - t0, 2),
                    "compiled_programs": llm.engine.compiled_programs(),
@@ -141,6 +197,11 @@ def main(argv) -> None:
             print(json.dumps({k: v for k, v in row.items() if k not in ("probes", "stats")}), flush=True)
             del llm
             jax.clear_caches()
+    scenarios = []
+    for host in (H, 0):
+        scenarios.append(_reclaim_scenario(model, max(instances), B, host, bs, M, tokens))
+        print(json.dumps(scenarios[-1]), flush=True)
+        jax.clear_caches()
     local = {r["instances"]: r["longest_prompt"] for r in rows if r["config"] == "local"}
     for r in rows:
         if r["instances"] in local and local[r["instances"]]:
@@ -149,7 +210,8 @@ def main(argv) -> None:
             r["over_local_times_I"] = r["longest_prompt"] / (base * r["instances"])
     result = {"bench": "capacity", "model": "tiny (hidden 64, 2 layers, 2 KV heads x 16)",
               "block_size": bs, "kv_blocks_per_instance": B, "host_kv_blocks_per_instance": H,
-              "max_tokens": M, "dtype": "float32", "rows": rows, "devices": len(jax.devices()),
+              "max_tokens": M, "dtype": "float32", "rows": rows, "reclaim": scenarios,
+              "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)
     if FLAGS.output_png:
@@ -161,7 +223,8 @@ def _plot(rows, instances, path):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"local": "o-", "distributed": "s-", "distributed+host": "x--", "local+host": "+--"}
+    styles = {"local": "o-", "distributed": "s-", "distributed+host": "x--", "local+host": "+--",
+              "distributed@0.9": "s:"}
     for name in dict.fromkeys(r["config"] for r in rows):
         pts = [(r["instances"], r["longest_request_tokens"]) for r in rows if r["config"] == name]
         ax.plot(*zip(*pts), styles.get(name, ".-"), label=name)

@@ -106,6 +106,14 @@ class _EngineCollector:
         yield hits
         yield cached
         yield evicted
+        reclaimed = CounterMetricFamily(
+            P + "kv_reclaimed_blocks", "Lent KV blocks taken back by their instance (the "
+            "creditor) for its own requests; how=moved: the borrower's data moved elsewhere, "
+            "preempted: the borrower was preempted.", labels=["model_name", "instance", "how"])
+        for i, n in enumerate(s["kv_reclaimed_moved"]):
+            reclaimed.add_metric(m + [str(i), "moved"], n)
+            reclaimed.add_metric(m + [str(i), "preempted"], s["kv_reclaimed_preempted"][i])
+        yield reclaimed
         st = s["stats"]
         for name, key, doc in (
                 ("num_preemptions", "preemptions", "Requests preempted (host swap or recompute)."),
