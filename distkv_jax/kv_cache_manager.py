@@ -462,11 +462,13 @@ class KVCacheManager:
         r.num_tokens = num_tokens
 
     def _blocks_on(self, r: _Allocation, instance: int) -> int:
-        """Private blocks of ``r`` on ``instance``."""
+        """Blocks of ``r`` on ``instance`` that it alone reads (lent to it, or
+        reached through the cache with no other reader): what ``instance``
+        gets back if ``r`` lets go."""
         m = self.gm.managers[instance]
         ids = self.table.blocks(r.rid)
         return sum(1 for g in ids[ids // self.config.blocks_per_instance == instance].tolist()
-                   if m.is_private(g))
+                   if m.refs[g - m.base] == 1)
 
     def _gain(self, victim: _Allocation, home: int) -> int:
         """How many more blocks a request homed on ``home`` could get if
@@ -504,7 +506,7 @@ class KVCacheManager:
                 break
             if self._gain(v, r.home) > 0:
                 return v
-        if self.config.kv_policy == "local" or self.gm.managers[r.home].lent == 0:
+        if self.config.kv_policy == "local":
             return None
         for v in reversed(running):      # reclaim: older borrowers of the home's blocks
             if v.seq < r.seq and v.home != r.home and self._blocks_on(v, r.home) > 0 \

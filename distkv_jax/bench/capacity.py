@@ -125,6 +125,7 @@ def _reclaim_scenario(model, I, B, H, bs, M, tokens) -> dict:
     llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=H,
               warm_start=False, max_num_seqs=I, max_num_batched_tokens=FLAGS.max_num_batched_tokens)
     alone = llm.generate([tokens[:long_n]], params)[0].outputs[0].token_ids
+    llm.reset_prefix_cache()  # the long request computes its prompt again, as a new one would
     eng = llm.engine
     t0 = time.perf_counter()
     long_id = eng.add_request(tokens[:long_n], params)
