@@ -28,6 +28,9 @@ def test_bench_attention_quick(tmp_path):
         assert row["max_abs_diff_spread_vs_kv_moving"] <= 1e-5
         assert row["kv_moving_bytes_per_step"] > row["dist_bytes_per_step"] > 0
     assert result["bandwidth"]["kv_read_GBps"] > 0
+    # tensor parallelism (4x2 against 4x1): the same attention output
+    tp = result["tp"]
+    assert tp["tp1_ms"] > 0 and tp["tp2_ms"] > 0 and tp["max_abs_diff"] <= 1e-5
     pre = result["prefill"]
     for q_tile in (8, 16):
         assert pre[f"native_q_tile{q_tile}_ms"] > 0 and pre[f"reference_q_tile{q_tile}_ms"] > 0

@@ -24,6 +24,11 @@ def test_bench_throughput_quick(tmp_path):
         n = row["requests"]
         assert row["identical_outputs"] == f"{n}/{n}"
     assert result["rows"][0]["decode_floor_ms"] > 0
+    # the tensor-parallel row (1x2): the same tokens as 1x1
+    tp = result["tp"]
+    assert tp["mesh"] == "1x2" and tp["tok_per_s"] > 0
+    n = result["rows"][0]["requests"]
+    assert tp["identical_to_1x1"] == f"{n}/{n}"
     # warm start: the first call compiles nothing new; a second process
     # start takes its programs from the persistent compilation cache
     st = result["startup"]

@@ -22,6 +22,9 @@ kernel runs on one thread) KV bytes read per second at --bandwidth_context, agai
 bandwidth measured two ways: XLA streaming read (jnp.sum over 1 GiB on one
 CPU device; XLA may use both cores) and one-thread numpy sum.
 
+A tensor-parallel point: the spread step at --tp_context tokens on I/2
+instances with tp=2 (4x2) against tp=1 (4x1), same sequences, checked equal.
+
 `--preset gpu` (what `make gpu-check` runs on an NVIDIA GPU): no mesh rows
 (one accelerator); per context, one decode step of --gpu_sequences sequences
 over bfloat16 pages (Llama-3-8B's attention shape) with the jnp reference and
@@ -72,12 +75,13 @@ flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"],
                   "on one accelerator, bfloat16 pages, long contexts, against its memory-bandwidth floor")
 flags.DEFINE_list("gpu_contexts", ["8192", "32768", "131072", "524288"], "contexts (tokens), gpu preset")
 flags.DEFINE_integer("gpu_sequences", 8, "sequences per decode step, gpu preset")
+flags.DEFINE_integer("tp_context", 16384, "tp point: context (tokens) of the 4x1 vs 4x2 comparison")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/attention.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/attention.png", "plot ('' to skip)")
 
 
-def _setup(I, N, bs, Hq, Hkv, D):
+def _setup(I, N, bs, Hq, Hkv, D, tp=1):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -88,9 +92,9 @@ def _setup(I, N, bs, Hq, Hkv, D):
     from distkv_jax.kv_pool import PoolLayout
     from distkv_jax.mesh import make_mesh
 
-    mesh = make_mesh(f"{I}x1")
+    mesh = make_mesh(f"{I}x{tp}")
     nblocks = -(-N // bs)
-    layout = PoolLayout(1, I, nblocks, bs, Hkv, D, 1)
+    layout = PoolLayout(1, I, nblocks, bs, Hkv, D, tp)
     cfg = DistAttentionConfig(layout, Hq, 1 / math.sqrt(D))
     pool_sh = NamedSharding(mesh, layout.spec)
     rows_sh = NamedSharding(mesh, P("inst"))
@@ -140,6 +144,25 @@ def _dist_point(s, N, spread, iters):
     ref = run()  # compile
     t = median_time(run, iters)
     return t, np.asarray(ref), plan.items_per_instance().tolist(), pools
+
+
+def _tp_point(N, bs, Hq, Hkv, D, iters, devices):
+    """The spread decode step with tensor parallelism: I/2 instances of tp=2
+    against I/2 instances of tp=1 (same sequences; tp splits the heads),
+    checked equal."""
+    inst = max(1, devices // 2)
+    out = {"context": N, "instances": inst}
+    res = {}
+    for tp in (1, 2):
+        s = _setup(inst, N, bs, Hq, Hkv, D, tp=tp)
+        t, o, items, pools = _dist_point(s, N, True, iters)
+        del pools, s
+        out[f"tp{tp}_ms"] = t * 1e3
+        out[f"tp{tp}_items_per_instance"] = items
+        res[tp] = o
+    out["tp2_over_tp1"] = out["tp2_ms"] / out["tp1_ms"]
+    out["max_abs_diff"] = float(np.abs(res[2] - res[1]).max())
+    return out
 
 
 def _kv_moving_point(s, N, iters, pools):
@@ -366,6 +389,9 @@ def main(argv) -> None:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                           if not isinstance(v, (list, dict))}), flush=True)
         del s
+    tp_row = _tp_point(FLAGS.tp_context if not FLAGS.quick else contexts[-1], bs, Hq, Hkv, D,
+                       iters, I)
+    print(json.dumps(tp_row), flush=True)
     bw = _bandwidth(bw_ctx, bs, Hq, Hkv, D, iters)
     print(json.dumps(bw), flush=True)
     prefill = _prefill_point(*pre[:2], bs, *pre[2:], iters)
@@ -375,7 +401,7 @@ def main(argv) -> None:
     result = {"bench": "attention", "instances": I, "block_size": bs, "num_heads": Hq,
               "num_kv_heads": Hkv, "head_dim": D, "dtype": "float32", "sequences_per_step": I,
               "attention_impl": resolve_impl("auto"), "rows": rows, "bandwidth": bw,
-              "prefill": prefill,
+              "prefill": prefill, "tp": tp_row,
               "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)

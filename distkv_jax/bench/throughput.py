@@ -22,6 +22,10 @@ compilation cache; the first generate() of each workload is timed against the
 warm call (target: within 1.3x); then a second process builds the same LLM
 on the now warm cache (target: <= 0.3x the first start's compile time).
 
+A tensor-parallel row (--tp_mesh, default 1x2): the decode-heavy workload
+again with the heads split over tp (simulated CPU devices on a CPU), its
+tokens checked against the 1x1 run.
+
 Also reported: the decode step time of distkv-jax against its memory
 floor, (weight bytes + KV bytes read per step) / measured stream bandwidth.
 """
@@ -63,6 +67,8 @@ flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"],
                   "long contexts, no transformers row (what `make gpu-check` runs)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "distkv-jax's dtype (transformers: float32)")
 flags.DEFINE_bool("transformers", True, "time transformers' generate beside ours")
+flags.DEFINE_string("tp_mesh", "1x2", "also run the decode-heavy workload on this tensor-parallel "
+                    "mesh ('' to skip; simulated CPU devices on a CPU)")
 flags.DEFINE_bool("second_start", True, "time a second process starting on the warm compilation cache")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/throughput.json", "result file")
@@ -110,6 +116,9 @@ def _ours_run(llm, prompts, new_tokens):
     return elapsed, [o.outputs[0].token_ids for o in outs], list(llm.engine.step_log), first, first_compiled
 
 
+_TOKENS: dict = {}  # workload -> our tokens (1x1), to compare other meshes with
+
+
 def _prompts(n_req, prompt_len, vocab):
     return np.random.default_rng(0).integers(3, vocab, size=(n_req, prompt_len)).tolist()
 
@@ -118,6 +127,7 @@ def _workload(name, llm, path, n_req, prompt_len, new_tokens, vocab, cfg, bw, it
               with_transformers=True):
     prompts = _prompts(n_req, prompt_len, vocab)
     ours_s, ours_tok, log, first_s, first_compiled = _ours_run(llm, prompts, new_tokens)
+    _TOKENS[name] = ours_tok
     generated = n_req * new_tokens
     decode_steps = [s for p, d, s in log if p == 0 and d > 0]
     row = {
@@ -190,12 +200,15 @@ def main(argv) -> None:
         if FLAGS.preset == "gpu":  # the preset's form at test size: bfloat16, a long-context row
             dims["max_position"] = 4096
             loads.append(("long-context", 1, 512, 4))
+    if FLAGS.tp_mesh:
+        from distkv_jax.mesh import MeshShape, simulate_cpu_devices
+
+        simulate_cpu_devices(MeshShape.parse(FLAGS.tp_mesh).size)  # before JAX starts
     from distkv_jax import LLM
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model")
         _make_model(path, dims)
-        max_ctx = max(p + n for _, _, p, n in loads)
         max_req = max(r for _, r, _, _ in loads)
         kv_blocks = max(r * -(-(p + n) // FLAGS.block_size) for _, r, p, n in loads) + 8
 
@@ -203,7 +216,7 @@ def main(argv) -> None:
                          max_num_seqs=max_req, max_num_batched_tokens=mnbt, dtype=dtype)
 
         def make_llm(impl, **kw):
-            return LLM(path, attention_impl=impl, **engine_kw, **kw)
+            return LLM(path, attention_impl=impl, **dict(engine_kw, **kw))
 
         cache = os.path.join(tmp, "xla-cache")  # cold: nothing compiled yet
         t0 = time.perf_counter()
@@ -226,8 +239,21 @@ def main(argv) -> None:
         compiles = llm.engine.compiled_programs()
         impl = llm.engine.attention_impl
         model_config = llm.model_config
-        if FLAGS.reference_row and impl != "reference":
+        tp_row = None
+        if FLAGS.tp_mesh:  # the decode-heavy workload with the heads split over tp
             del llm
+            _, n_req, p, n = loads[0]
+            tp_llm = make_llm(FLAGS.attention_impl, warm_start=False, mesh=FLAGS.tp_mesh)
+            tp_s, tp_tok, tp_log, tp_first, _ = _ours_run(tp_llm, _prompts(n_req, p, dims["vocab"]), n)
+            dec = [st for pf, d, st in tp_log if pf == 0 and d > 0]
+            same = sum(a == b for a, b in zip(tp_tok, _TOKENS[loads[0][0]]))
+            tp_row = {"mesh": FLAGS.tp_mesh, "workload": loads[0][0], "tok_per_s": n_req * n / tp_s,
+                      "over_1x1": (n_req * n / tp_s) / rows[0]["distkv_tok_per_s"],
+                      "decode_step_ms": float(np.median(dec)) * 1e3 if dec else None,
+                      "first_call_s": tp_first, "identical_to_1x1": f"{same}/{n_req}"}
+            print(json.dumps({"tp": tp_row}), flush=True)
+            del tp_llm
+        if FLAGS.reference_row and impl != "reference":
             _, n_req, p, n = loads[0]
             ref_s, _, log, _, _ = _ours_run(make_llm("reference", warm_start=False),
                                             _prompts(n_req, p, dims["vocab"]), n)
@@ -241,6 +267,7 @@ def main(argv) -> None:
     result = {"bench": "throughput", "model": dims, "params": _param_count(model_config),
               "rows": rows, "bandwidth": bw, "compiled_programs": compiles, "mesh": "1x1",
               "startup": startup, "cpu": cpu_model(), "dtype": dtype, "preset": FLAGS.preset,
+              "tp": tp_row,
               "device": _device_kind(),
               "attention_impl": impl,
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
