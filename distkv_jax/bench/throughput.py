@@ -213,7 +213,10 @@ def main(argv) -> None:
         kv_blocks = max(r * -(-(p + n) // FLAGS.block_size) for _, r, p, n in loads) + 8
 
         engine_kw = dict(mesh="1x1", block_size=FLAGS.block_size, kv_blocks=kv_blocks,
-                         max_num_seqs=max_req, max_num_batched_tokens=mnbt, dtype=dtype)
+                         max_num_seqs=max_req, max_num_batched_tokens=mnbt, dtype=dtype,
+                         # the warm call repeats the first call's prompts: with the
+                         # prefix cache on it would skip their prefill
+                         enable_prefix_caching=False)
 
         def make_llm(impl, **kw):
             return LLM(path, attention_impl=impl, **dict(engine_kw, **kw))
