@@ -2,7 +2,7 @@
 # `make gpu-check`: one command for a machine with an NVIDIA GPU.
 #   1. the GPU parity tests (tests/test_gpu_parity.py: the Triton MicroAttention
 #      against float64 dense attention, the engine against transformers), then
-#      the CUDA lowering tests;
+#      the CUDA lowering tests (on the host CPU's simulated devices);
 #   2. bench attention --preset gpu (the kernel's KV bytes/s against the GPU's
 #      measured streaming bandwidth) and bench throughput --preset gpu (a model
 #      with Llama-3-8B's attention and MLP shape, 4 layers, bfloat16, long contexts).
@@ -29,8 +29,11 @@ print(json.dumps({"device": d.device_kind, "platform": d.platform, "jax": jax.__
 PYEOF
 cat "$OUT/device.json"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$OUT/nvidia-smi.csv" 2>&1 || true
-JAX_PLATFORMS=cuda,cpu "$PY" -m pytest -q -rs tests/test_gpu_parity.py tests/test_gpu_lowering.py \
+JAX_PLATFORMS=cuda,cpu "$PY" -m pytest -q -rs tests/test_gpu_parity.py \
   2>&1 | tee "$OUT/parity.log" || status=1
+# the lowering tests build meshes of 8 simulated CPU devices: run them on the host CPU
+JAX_PLATFORMS=cpu "$PY" -m pytest -q tests/test_gpu_lowering.py \
+  2>&1 | tee "$OUT/lowering.log" || status=1
 JAX_PLATFORMS=cuda "$PY" -m distkv_jax.bench attention --preset gpu \
   --output_json "$OUT/attention.json" --output_png '' 2>&1 | tee "$OUT/attention.log" || status=1
 JAX_PLATFORMS=cuda "$PY" -m distkv_jax.bench throughput --preset gpu --reference_row=false \
