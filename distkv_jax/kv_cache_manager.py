@@ -86,6 +86,9 @@ class _Allocation:
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its stream's full blocks
     num_registered: int = 0      # table blocks already offered to the prefix cache
     promised: list[bytes] = field(default_factory=list)  # prompt blocks it is computing
+    # instances that took blocks back from it (reclaim): it never preempts
+    # their requests in turn (a lent block comes back on the lender's terms)
+    reclaimed_by: set = field(default_factory=set)
 
 
 @dataclass
@@ -436,6 +439,7 @@ class KVCacheManager:
                                   plan)
             if victim.seq < r.seq:  # an older borrower: the home takes its blocks back
                 self.reclaimed_preempted[r.home] += self._blocks_on(victim, r.home)
+                victim.reclaimed_by.add(r.home)
                 if victim.rid in st.grown:  # grown earlier this step: undo, nothing was written
                     self._shrink(victim, st.grown[victim.rid])
             preemptions.append(self._preempt(victim))
@@ -504,7 +508,7 @@ class KVCacheManager:
         for v in reversed(running):      # newer requests first (FCFS)
             if v.seq <= r.seq:
                 break
-            if self._gain(v, r.home) > 0:
+            if v.home not in r.reclaimed_by and self._gain(v, r.home) > 0:
                 return v
         if self.config.kv_policy == "local":
             return None

@@ -525,3 +525,21 @@ def test_local_policy_never_reclaims():
     mgr.admit("B", 1)
     assert mgr.grow("B", 2).status == "ok"
     assert not mgr.reclaimed_moved.any() and not mgr.reclaimed_preempted.any()
+
+
+def test_a_reclaimed_borrower_does_not_preempt_the_reclaimers_requests():
+    """A (older) lost its blocks to instance 1's reclaim and is recomputed;
+    its growth then waits instead of preempting B, instance 1's request."""
+    cfg = KVCacheConfig(2, 2, block_size=1, migrate_tokens_per_step=0)
+    mgr = KVCacheManager(cfg)
+    mgr.admit("A", 0)
+    assert mgr.grow("A", 4).status == "ok"
+    mgr.admit("B", 1)
+    res = mgr.grow("B", 2)
+    assert res.status == "ok" and [p.request_id for p in res.preemptions] == ["A"]
+    assert res.preemptions[0].mode == "recompute" and mgr.reclaimed_preempted[1] == 4 - 2
+    res = mgr.grow("A", 4)        # A again: the mesh is full, B is newer but B's home reclaimed
+    assert res.status == "preempted" and [p.request_id for p in res.preemptions] == ["A"]
+    assert mgr.state("B") == RUNNING and mgr.num_tokens("B") == 2
+    mgr.finish("B")
+    assert mgr.grow("A", 4).status == "ok"
