@@ -62,3 +62,15 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(torch.as_tensor([prompt], dtype=torch.long), do_sample=False,
                              max_new_tokens=max_new_tokens)
     return out[0, len(prompt):].tolist()
+
+
+def hf_greedy_logprobs(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy continuation and, at each generated position, the
+    log-softmax (float64) of the token it chose."""
+    import torch
+
+    toks = hf_greedy(model, prompt, max_new_tokens)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + toks])).logits[0].double()
+    logp = torch.log_softmax(logits, -1).numpy()
+    return toks, [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(toks)]

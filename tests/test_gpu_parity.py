@@ -66,21 +66,12 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(llama):
-    import torch
-
-    from hf_models import hf_greedy
+    from hf_models import hf_greedy_logprobs
 
     _, model = llama
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 256, size=n).tolist() for n in (70, 5, 33, 1)]
-    out = []
-    for p in prompts:
-        toks = hf_greedy(model, p, 12)
-        with torch.no_grad():
-            logits = model(torch.tensor([p + toks])).logits[0].double()
-        logp = torch.log_softmax(logits, -1).numpy()
-        out.append((p, toks, [logp[len(p) - 1 + i, t] for i, t in enumerate(toks)]))
-    return out
+    return [(p, *hf_greedy_logprobs(model, p, 12)) for p in prompts]
 
 
 @pytest.mark.parametrize("host_kv_blocks", [0, 16], ids=["fits", "swaps"])

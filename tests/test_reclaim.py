@@ -9,7 +9,7 @@ import pytest
 
 from distkv_jax import LLM, SamplingParams
 
-from hf_models import hf_greedy, make_hf_model
+from hf_models import hf_greedy_logprobs, make_hf_model
 
 BS, KV_BLOCKS = 8, 6  # 8 instances x 6 blocks x 8 tokens = 384 slots
 
@@ -18,15 +18,6 @@ BS, KV_BLOCKS = 8, 6  # 8 instances x 6 blocks x 8 tokens = 384 slots
 def llama(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("reclaim_llama"))
     return path, make_hf_model("llama_gqa", path)
-
-
-def _reference(model, prompt, n):
-    import torch
-
-    toks = hf_greedy(model, prompt, n)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([prompt + toks])).logits[0].double(), -1)
-    return toks, [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(toks)]
 
 
 @pytest.mark.parametrize("host_kv_blocks", [48, 0], ids=["swap", "recompute"])
@@ -60,7 +51,7 @@ def test_creditors_reclaim_from_a_long_request(llama, host_kv_blocks):
     for rid, prompt in zip([long_id] + short_ids, [long_prompt] + shorts):
         comp = outs[rid].outputs[0]
         assert comp.finish_reason == "length", outs[rid].error
-        toks, lps = _reference(model, prompt, 8)
+        toks, lps = hf_greedy_logprobs(model, prompt, 8)
         assert comp.token_ids == toks, rid
         got = [comp.logprobs[i][t].logprob for i, t in enumerate(toks)]
         np.testing.assert_allclose(got, lps, atol=1e-4, rtol=0)
