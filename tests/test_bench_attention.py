@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from bench_runner import run_bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,13 +44,8 @@ def test_bench_attention_gpu_preset_quick(tmp_path):
     """The preset `make gpu-check` runs, in its --quick form on this CPU (the
     "auto" kernel here is the native one): rows per context, both
     implementations agreeing, bandwidth fractions present."""
-    out = tmp_path / "attention_gpu.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "distkv_jax.bench", "attention", "--preset=gpu", "--quick",
-         f"--output_json={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("attention", tmp_path / "attention_gpu.json", "--preset=gpu",
+                       own_devices=False)
     assert result["preset"] == "gpu" and result["dtype"] == "bfloat16"
     assert result["attention_impl"] == "native" and len(result["rows"]) == 2
     for row in result["rows"]:

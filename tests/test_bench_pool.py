@@ -1,22 +1,11 @@
 """`python -m distkv_jax.bench pool --quick` writes its rows: step time and
 step memory at a small and a 16x larger pool, per mesh."""
 
-import json
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_runner import run_bench
 
 
 def test_bench_pool_quick(tmp_path):
-    out = tmp_path / "pool.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "distkv_jax.bench", "pool", "--quick",
-                           f"--output_json={out}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("pool", tmp_path / "pool.json")
     assert [r["mesh"] for r in result["rows"]] == ["1x2", "2x2"]
     for r in result["rows"]:
         assert r["large"]["kv_blocks"] == 16 * r["small"]["kv_blocks"]

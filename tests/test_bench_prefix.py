@@ -2,23 +2,12 @@
 over one stream whose document spans several instances, and the result file
 carries the comparison (the figures themselves are for the benchmark)."""
 
-import json
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_runner import run_bench
 
 
 def test_bench_prefix_quick(tmp_path):
     out, png = tmp_path / "prefix.json", tmp_path / "prefix.png"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the bench asks for its devices
-    proc = subprocess.run(
-        [sys.executable, "-m", "distkv_jax.bench", "prefix", "--quick",
-         f"--output_json={out}", f"--output_png={png}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("prefix", out, f"--output_png={png}")
     assert result["bench"] == "prefix" and result["quick"]
     rows = {r["config"]: r for r in result["rows"]}
     assert set(rows) == {"mesh", "instance", "none"}
