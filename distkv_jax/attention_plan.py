@@ -12,6 +12,14 @@ jitted step reads:
                              tile index (n_tiles: padding)
     item_block  [I, R, run]  local block index within the instance
     item_kstart [I, R, run]  position of the block's first slot (MASKED: padding)
+    host_item_* [I, Rh, runh] the same for blocks in the instances' host pools
+                             (host-attended KV), or None when the step has none
+
+A block-table entry b >= I * blocks_per_instance names host block
+b - I * blocks_per_instance, in the host pool of instance
+(b - I * blocks_per_instance) // host_blocks_per_instance: the host CPU
+attends it in place (DistAttention sends the query there, as to any
+instance). New tokens are always written to device blocks.
 
 Row r belongs to instance r // T (its owner, where the output returns). A
 global block id b lives on instance b // blocks_per_instance; its slots are
@@ -62,6 +70,11 @@ class PoolGeometry:
     num_instances: int
     blocks_per_instance: int
     block_size: int
+    host_blocks_per_instance: int = 0
+
+    @property
+    def num_device_blocks(self) -> int:
+        return self.num_instances * self.blocks_per_instance
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,19 +85,34 @@ class AttentionPlan:
     item_tile: np.ndarray
     item_block: np.ndarray
     item_kstart: np.ndarray
+    host_item_tile: np.ndarray | None = None
+    host_item_block: np.ndarray | None = None
+    host_item_kstart: np.ndarray | None = None
 
     @property
     def shape_key(self) -> tuple:
         """The shapes that decide which compiled program runs."""
-        return (self.slots.shape, self.tile_rows.shape, self.item_tile.shape)
+        host = None if self.host_item_tile is None else self.host_item_tile.shape
+        return (self.slots.shape, self.tile_rows.shape, self.item_tile.shape, host)
+
+    @property
+    def has_host_work(self) -> bool:
+        return self.host_item_tile is not None
 
     @property
     def run(self) -> int:
         return self.item_tile.shape[-1]
 
     def items_per_instance(self) -> np.ndarray:
-        """Real (unmasked) items per instance."""
+        """Real (unmasked) device items per instance."""
         real = (self.item_tile < self.tile_rows.shape[0]) & (self.item_kstart != MASKED)
+        return real.reshape(real.shape[0], -1).sum(axis=1)
+
+    def host_items_per_instance(self) -> np.ndarray:
+        """Real items per instance's host pool (zeros without host work)."""
+        if self.host_item_tile is None:
+            return np.zeros(self.item_tile.shape[0], np.int64)
+        real = (self.host_item_tile < self.tile_rows.shape[0]) & (self.host_item_kstart != MASKED)
         return real.reshape(real.shape[0], -1).sum(axis=1)
 
 
@@ -127,6 +155,7 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
     """The step's plan. run=None chooses the run length from the work, among
     `run_choices` (fewer choices: fewer compiled programs)."""
     I, NB, bs = geom.num_instances, geom.blocks_per_instance, geom.block_size
+    HB = geom.host_blocks_per_instance
     T = tokens_per_instance
     slots = np.full(I * T, -1, np.int32)
     positions = np.full(I * T, -1, np.int32)
@@ -153,8 +182,12 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
         if len(table) < needed:
             raise ValueError(f"sequence {n}: block table has {len(table)} blocks, position "
                              f"{int(pos[-1])} needs {needed}")
-        if table[:needed].min() < 0 or table[:needed].max() >= I * NB:
-            raise ValueError(f"sequence {n}: block id outside 0..{I * NB - 1}")
+        if table[:needed].min() < 0 or table[:needed].max() >= I * (NB + HB):
+            raise ValueError(f"sequence {n}: block id outside 0..{I * (NB + HB) - 1}")
+        written = table[int(pos[0]) // bs:needed]
+        if written.max() >= I * NB:
+            raise ValueError(f"sequence {n}: new tokens must go to device blocks, "
+                             f"a written block is host block {int(written.max()) - I * NB}")
 
         rows = s.instance * T + s.row + np.arange(count)
         positions[rows] = pos
@@ -178,18 +211,34 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
         it, gb, ks = (np.concatenate(c) for c in zip(*item_parts))
     else:
         it = gb = ks = np.zeros(0, np.int64)
-    inst = gb // NB
+    overhead = RUN_OVERHEAD_DECODE if q_tile == 1 else RUN_OVERHEAD_PREFILL
+    on_host = gb >= I * NB
+    dev = ~on_host
+    item_tile, item_block, item_kstart = _work_list(
+        it[dev], gb[dev] // NB, gb[dev] % NB, ks[dev], I, n_tiles, run, run_choices, overhead,
+        min_runs)
+    host = (None, None, None)
+    if on_host.any():
+        hb = gb[on_host] - I * NB
+        host = _work_list(it[on_host], hb // HB, hb % HB, ks[on_host], I, n_tiles, None,
+                          run_choices, overhead, min_runs)
+    return AttentionPlan(slots, positions, tile_rows, item_tile, item_block, item_kstart, *host)
+
+
+def _work_list(it, inst, local, ks, I: int, n_tiles: int, run: int | None, run_choices,
+               overhead: float, min_runs: int):
+    """Per-instance padded work lists [I, R, run] (tile, local block, key
+    start) of items (tile it[k] x block local[k] of instance inst[k])."""
     # Group by instance, keeping build order: each tile's items stay contiguous.
     order = np.argsort(inst, kind="stable")
-    it, gb, ks, inst = it[order], gb[order], ks[order], inst[order]
+    it, local, ks, inst = it[order], local[order], ks[order], inst[order]
     # Segments of equal (instance, tile): their lengths decide the run length.
     new_seg = np.ones(len(it), bool)
     new_seg[1:] = (it[1:] != it[:-1]) | (inst[1:] != inst[:-1])
     seg_id = np.cumsum(new_seg) - 1
     seg_start = np.flatnonzero(new_seg)
     seg_len = np.diff(np.append(seg_start, len(it)))
-    run = run or choose_run(seg_len, run_choices,
-                            RUN_OVERHEAD_DECODE if q_tile == 1 else RUN_OVERHEAD_PREFILL)
+    run = run or choose_run(seg_len, run_choices, overhead)
     # Each item's slot in its instance's padded work list.
     seg_padded = -(-seg_len // run) * run
     seg_inst = inst[seg_start]
@@ -208,8 +257,7 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
     within = np.arange(len(rep)) - np.repeat(np.cumsum(seg_padded) - seg_padded, seg_padded)
     item_tile[seg_inst[rep], seg_offset[rep] + within] = it[seg_start[rep]]
     slot = seg_offset[seg_id] + (np.arange(len(it)) - seg_start[seg_id])
-    item_block[inst, slot] = gb % NB
+    item_block[inst, slot] = local
     item_kstart[inst, slot] = ks
     shape = (I, R, run)
-    return AttentionPlan(slots, positions, tile_rows, item_tile.reshape(shape),
-                         item_block.reshape(shape), item_kstart.reshape(shape))
+    return item_tile.reshape(shape), item_block.reshape(shape), item_kstart.reshape(shape)

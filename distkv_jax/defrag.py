@@ -155,7 +155,7 @@ def return_home(
         if mgr.num_unused <= reserve or gm.ledger[home].sum() == 0:
             continue
         ids = table.blocks(rid)
-        remote = np.flatnonzero(ids // bpi != home)
+        remote = np.flatnonzero((ids // bpi != home) & (ids < gm.config.num_device_blocks))
         for k in remote.tolist():
             if len(moves) >= budget or mgr.num_unused <= reserve:
                 break

@@ -12,6 +12,11 @@ its own batch rows ([I, T, ...], sharded over inst; heads over tp). Per layer:
  (c) MicroAttention. Each device runs its own work list (query tile x local
      block items, from the control plane's plan) and gets a partial (o, lse)
      per query row (lse = -inf where it holds none of that row's KV).
+ (c') Host-attended KV. Blocks in an instance's host pool (pinned_host
+     memory) are attended by the host CPU in place (`compute_on("device_host")`
+     around the native MicroAttention over the host work list): the queries go
+     to the host and one (o, lse) per tile comes back, bytes independent of
+     the context. It is merged with the device partial by the same formula.
  (d) ScaleReduce. One all_to_all over `inst` sends each row's partials to the
      row's owner, which merges them exactly (logsumexp weights, -inf guarded).
      Why all_to_all: each device sends (I-1)/I of its [I*T, H, D+1]
@@ -28,22 +33,25 @@ blocks' bytes, which grow with the context (see `bench attention`).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .attention_plan import AttentionPlan
-from .kernels.micro_attention import merge_axis, micro_attention
+from .kernels.micro_attention import merge_axis, micro_attention, resolve_impl
 from .kv_pool import PagedKVCache, PoolLayout
 from .mesh import INST, TP
 from .models.attention import AttentionFn, LayerCache
 
 
 class DistMeta(NamedTuple):
-    """The device form of an AttentionPlan (same fields, jax arrays)."""
+    """The device form of an AttentionPlan (same fields, jax arrays), plus
+    the host pools when the plan has host work (None otherwise: a step
+    without host-attended KV is a program without the host part)."""
 
     slots: jax.Array
     positions: jax.Array
@@ -51,12 +59,27 @@ class DistMeta(NamedTuple):
     item_tile: jax.Array
     item_block: jax.Array
     item_kstart: jax.Array
+    host_item_tile: Any = None
+    host_item_block: Any = None
+    host_item_kstart: Any = None
+    host_k: Any = None           # [L, I * host_blocks, ...] pinned_host, read only
+    host_v: Any = None
 
     @classmethod
-    def from_plan(cls, plan: AttentionPlan) -> "DistMeta":
+    def from_plan(cls, plan: AttentionPlan, host_pools=None) -> "DistMeta":
         # numpy leaves: jit transfers them in its C++ argument path, far cheaper
         # per step than one jnp.asarray (a dispatched device_put) per field
-        return cls(*(np.asarray(getattr(plan, f.name)) for f in dataclasses.fields(plan)))
+        arrays = [getattr(plan, f.name) for f in dataclasses.fields(plan)]
+        meta = cls(*(None if a is None else np.asarray(a) for a in arrays))
+        if plan.has_host_work:
+            if host_pools is None:
+                raise ValueError("the plan attends host blocks but no host pools were given")
+            meta = meta._replace(host_k=host_pools[0], host_v=host_pools[1])
+        return meta
+
+    @property
+    def has_host_work(self) -> bool:
+        return self.host_item_tile is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +89,28 @@ class DistAttentionConfig:
     scale: float
     impl: str = "auto"            # MicroAttention: auto | native | reference | pallas
     interpret: bool = False       # Pallas interpret mode (CPU)
+    # MicroAttention over host-attended blocks, run by the host CPU
+    host_impl: str = "auto"       # resolved for the "cpu" platform
+
+
+def _host_partials(cfg: DistAttentionConfig, q_tiles, q_pos, hk_pool, hv_pool, item_tile,
+                   item_block, item_kstart, layer, kv_offset, run):
+    """(o, lse) per tile over this instance's host-pool blocks, computed on
+    the host over host memory: the pool is never copied to the device."""
+    impl = resolve_impl(cfg.host_impl, "cpu")
+
+    def host_fn(q_tiles, q_pos, hk_pool, hv_pool, item_tile, item_block, item_kstart, layer,
+                kv_offset):
+        num_layers, nb, bs, heads, head_dim = hk_pool.shape
+        k_pages = hk_pool.reshape(num_layers * nb, bs, heads, head_dim)
+        v_pages = hv_pool.reshape(num_layers * nb, bs, heads, head_dim)
+        return micro_attention(q_tiles, q_pos, k_pages, v_pages, item_tile, item_block + layer * nb,
+                               item_kstart, scale=cfg.scale, run=run, kv_head_offset=kv_offset,
+                               impl=impl)
+
+    fn = compute_on("device_host")(jax.jit(host_fn))
+    return fn(q_tiles, q_pos, hk_pool, hv_pool, item_tile, item_block, item_kstart,
+              jnp.asarray(layer, jnp.int32), jnp.asarray(kv_offset, jnp.int32))
 
 
 def _write(pool, index, values):
@@ -91,7 +136,7 @@ def _local_body(cfg: DistAttentionConfig):
     groups = cfg.num_heads // lay.num_kv_heads
 
     def body(q, k, v, k_pool, v_pool, layer, slots, positions, tile_rows,
-             item_tile, item_block, item_kstart):
+             item_tile, item_block, item_kstart, *host):
         inst = jax.lax.axis_index(INST)
         num_layers, nb, bs, stored_heads, head_dim = k_pool.shape
         pages = num_layers * nb
@@ -132,6 +177,14 @@ def _local_body(cfg: DistAttentionConfig):
             q_tiles, q_pos, k_pages, v_pages, item_tile[0].reshape(-1),
             item_block[0].reshape(-1) + layer * nb, item_kstart[0].reshape(-1), scale=cfg.scale,
             run=run, kv_head_offset=kv_offset, impl=cfg.impl, interpret=cfg.interpret)
+        if host:  # (c') the host's partial over its host-attended blocks, merged exactly
+            h_tile, h_block, h_kstart, hk_pool, hv_pool = host
+            o_h, lse_h = _host_partials(cfg, q_tiles, q_pos, hk_pool, hv_pool,
+                                        h_tile[0].reshape(-1), h_block[0].reshape(-1),
+                                        h_kstart[0].reshape(-1), layer, kv_offset,
+                                        h_tile.shape[-1])
+            o_t, lse_t = merge_axis(jnp.stack([o_t.astype(jnp.float32), o_h.astype(jnp.float32)]),
+                                    jnp.stack([lse_t, lse_h]), axis=0)
         dest = jnp.where(tile_rows >= 0, tile_rows, rows).reshape(-1)
         o_rows = jnp.zeros((rows, heads_local, head_dim), jnp.float32).at[dest].set(
             o_t.reshape(-1, heads_local, head_dim), mode="drop")
@@ -168,15 +221,20 @@ def dist_attention(q, k, v, k_pool, v_pool, layer, meta: DistMeta, *, mesh: Mesh
         layer_args, layer_specs = (jnp.asarray(layer, jnp.int32),), (rep,)
         local = body
 
+    host_args, host_specs = (), ()
+    if meta.has_host_work:
+        host_args = (meta.host_item_tile, meta.host_item_block, meta.host_item_kstart,
+                     meta.host_k, meta.host_v)
+        host_specs = (work, work, work, pool_spec, pool_spec)
     fn = jax.shard_map(
         local, mesh=mesh,
         in_specs=(rows_spec, kv_rows_spec, kv_rows_spec, pool_spec, pool_spec) + layer_specs
-        + (rep, rep, rep, work, work, work),
+        + (rep, rep, rep, work, work, work) + host_specs,
         out_specs=(rows_spec, pool_spec, pool_spec),
         check_vma=False,
     )
     return fn(q, k, v, k_pool, v_pool, *layer_args, meta.slots, meta.positions,
-              meta.tile_rows, meta.item_tile, meta.item_block, meta.item_kstart)
+              meta.tile_rows, meta.item_tile, meta.item_block, meta.item_kstart, *host_args)
 
 
 def make_dist_attention(mesh: Mesh, cfg: DistAttentionConfig) -> AttentionFn:

@@ -409,6 +409,7 @@ class Engine:
         for rid in self.kv.requests():  # arrival order
             if self.kv.state(rid) == RequestStatus.RUNNING:
                 blocks = self.kv.block_ids(rid)
+                blocks = blocks[blocks < kc.num_device_blocks]  # host-attended ones: not a device
                 if len(blocks):
                     span = max(span, len(np.unique(blocks // kc.blocks_per_instance)))
         host_total = kc.host_blocks_per_instance
@@ -437,6 +438,9 @@ class Engine:
             # back by moving the borrower's data, or by preempting the borrower
             "kv_reclaimed_moved": kv.reclaimed_moved.tolist(),
             "kv_reclaimed_preempted": kv.reclaimed_preempted.tolist(),
+            "kv_host_attended_blocks": kv.host_attended_blocks().tolist(),
+            "kv_offloaded_blocks": kv.offloaded.tolist(),
+            "kv_brought_back_blocks": kv.brought_back.tolist(),
             "stats": dict(self.stats),
         }
 

@@ -38,7 +38,11 @@ class EngineArgs:
     dtype: str = _field("float32", "compute, weight and KV dtype", DTYPES)
     block_size: int = _field(16, "tokens per KV block")
     kv_blocks: int | None = _field(None, "KV blocks per instance (default: from free memory)")
-    host_kv_blocks: int = _field(0, "host-memory KV blocks per instance (swap space)")
+    host_kv_blocks: int = _field(0, "host-memory KV blocks per instance (swap space, and "
+                                 "host-attended KV)")
+    host_attention: bool = _field(True, "a running request's full, older KV blocks may live in "
+                                  "host memory (host_kv_blocks) and be attended there by the "
+                                  "host CPU, before anyone is preempted")
     kv_policy: str = _field("distributed", "distributed: requests may borrow KV blocks of other "
                             "instances; local: each request is confined to its instance", POLICIES)
     lend_fraction: float = _field(1.0, "share of an instance's KV blocks it may lend at once "
@@ -118,7 +122,7 @@ class EngineArgs:
                              kv_policy=self.kv_policy, lend_fraction=self.lend_fraction,
                              migrate_tokens_per_step=self.migrate_tokens_per_step,
                              enable_prefix_caching=self.enable_prefix_caching,
-                             cache_salt=cache_salt)
+                             cache_salt=cache_salt, host_attention=self.host_attention)
 
     def resolved_compile_cache_dir(self) -> str | None:
         d = self.compile_cache_dir

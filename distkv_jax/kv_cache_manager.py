@@ -25,6 +25,16 @@ whatever their age: blocks lent are lent on the condition that they come
 back. A preempted borrower is swapped in again only when it fits and leaves
 every instance a block of headroom per running request homed there.
 
+Host-attended KV (``host_attention``): when a growing request finds no
+device block anywhere, the oldest full private blocks of running requests
+(its own first, then the newest requests') are copied to the host tier and
+stay in their tables as host entries (``num_device_blocks + h``): DistAttention
+attends them on the host. Only then is anyone preempted. Host blocks come
+back to their request's home (newest first, within the migration budget) in
+steps that offloaded and preempted nothing, while the home keeps a free
+block per running request homed there. A swapped request comes back with
+its last (partial) block on device and as many of its other blocks as fit.
+
 Prefix cache and forks (blocks shared by several readers):
 
     reuse_prefix(rid, tokens) -> int         # longest cached prefix, in whole blocks
@@ -99,6 +109,10 @@ class _StepState:
     dests: set = field(default_factory=set)      # blocks written by this step's moves
     preempted: bool = False                       # a request was taken off this step
     grown: dict = field(default_factory=dict)     # request id -> KV length before this step
+    # host blocks let go of this step (a request with blocks offloaded this
+    # step, then preempted for recompute): freed when the step's plan is
+    # done, so that no two copies of the step's swap-out batch write one block
+    host_freed: list = field(default_factory=list)
 
 
 class KVCacheManager:
@@ -127,6 +141,11 @@ class KVCacheManager:
         # preempting the borrower
         self.reclaimed_moved = np.zeros(I, np.int64)
         self.reclaimed_preempted = np.zeros(I, np.int64)
+        # host-attended KV: blocks offloaded to / brought back from the host
+        # tier, by the instance whose host pool holds them
+        self.offloaded = np.zeros(I, np.int64)
+        self.brought_back = np.zeros(I, np.int64)
+        self._D = config.num_device_blocks
         self._step_state: _StepState | None = None
 
     # ------------------------------------------------------------------ queries
@@ -173,6 +192,36 @@ class KVCacheManager:
 
     def free_host_blocks(self) -> np.ndarray:
         return self.host.free_counts()
+
+    def host_attended_blocks(self) -> np.ndarray:
+        """Host blocks in running requests' tables, per host pool's instance."""
+        out = np.zeros(self.config.num_instances, np.int64)
+        if not self.config.host_attention:
+            return out
+        for r in self._ordered(RUNNING):
+            ids = self.table.blocks(r.rid)
+            h = ids[ids >= self._D] - self._D
+            if len(h):
+                out += np.bincount(h // self.config.host_blocks_per_instance,
+                                   minlength=self.config.num_instances)
+        return out
+
+    def offloadable(self, instance: int) -> int:
+        """Device blocks on ``instance`` that running requests' growth could
+        move to the host tier (full, private), capped by the host's room."""
+        if not self.config.host_attention:
+            return 0
+        room = self.host.available_for(instance)
+        n = 0
+        bs, bpi = self.config.block_size, self.config.blocks_per_instance
+        m = self.gm.managers[instance]
+        for r in self._ordered(RUNNING):
+            if n >= room:
+                break
+            ids = self.table.blocks(r.rid)[:r.num_tokens // bs]
+            for g in ids[(ids // bpi) == instance].tolist():
+                n += m.refs[g - m.base] == 1
+        return min(n, room)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_size)
@@ -224,12 +273,19 @@ class KVCacheManager:
         r = self._reqs.pop(rid)
         self._unpromise(r)
         ids = self.table.remove(rid)
+        dev, host = self._split(ids)
         # last block first: a released prefix is evicted from its tail
-        self.gm.free(r.home, ids[::-1].tolist())
+        self.gm.free(r.home, dev[::-1])
         if self._forks:  # admitted and dropped in the same planning: no copy into a freed block
-            mine = set(ids.tolist())
+            mine = set(dev)
             self._forks = [(a, b) for a, b in self._forks if b not in mine]
-        self.host.free(r.host_blocks)
+        self.host.free(host + list(r.host_blocks))
+
+    def _split(self, ids) -> tuple[list[int], list[int]]:
+        """Table entries -> (device block ids, host block ids), in order."""
+        D = self._D
+        ids = [int(g) for g in ids]
+        return [g for g in ids if g < D], [g - D for g in ids if g >= D]
 
     # ------------------------------------------------------------ prefix cache
     def _chain(self, r: _Allocation, tokens: Sequence[int], k: int) -> list[bytes]:
@@ -317,6 +373,8 @@ class KVCacheManager:
         added = 0
         for j in range(r.num_registered, full):
             g = int(ids[j])
+            if g >= self._D:  # host-attended: not shared through the cache
+                continue
             m = self.gm.manager_of(g)
             if m.hash_of_block(g) is not None or self._find(hs[j], scope) is not None:
                 continue
@@ -368,6 +426,8 @@ class KVCacheManager:
         bs = self.config.block_size
         full, part = divmod(num_tokens, bs)
         pids = self.table.blocks(parent)
+        if (pids[:-(-num_tokens // bs)] >= self._D).any():
+            return False  # host-attended blocks are not shared (the child recomputes)
         copy = []
         if part:
             got = self.gm.allocate(c.home, 1)
@@ -396,6 +456,19 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ growth
     def grow(self, rid: RequestId, n: int) -> GrowResult:
+        """Allocate slots for ``n`` new tokens of a running request (see
+        ``_grow``)."""
+        if self._step_state is not None:
+            return self._grow(rid, n)
+        # outside prepare_step: a state for this growth alone (no reclaim moves)
+        self._step_state = _StepState(0)
+        try:
+            return self._grow(rid, n)
+        finally:
+            self.host.free(self._step_state.host_freed)
+            self._step_state = None
+
+    def _grow(self, rid: RequestId, n: int) -> GrowResult:
         """Allocate slots for ``n`` new tokens of a running request.
 
         When the home instance is short of free blocks but has lent some, the
@@ -417,7 +490,7 @@ class KVCacheManager:
         need = total - self.table.num_blocks(rid)
         # reclaim moves are planned within a step (prepare_step), which runs
         # them with its migration moves; a growth outside one only preempts
-        st = self._step_state or _StepState(0)
+        st = self._step_state
         moves: list[tuple[int, int]] = []
         home = self.gm.managers[r.home]
         short = need - home.num_unused
@@ -429,6 +502,12 @@ class KVCacheManager:
             st.dests.update(d for _, d in moves)
             self.reclaimed_moved[r.home] += len(moves)
         plan = CopyPlan("move", tuple(moves))
+        offload: list[tuple[int, int]] = []
+        if need > 0 and self.config.host_attention and self.gm.available_for(r.home) < need:
+            offload = self._offload(r, need, st)
+            if offload:
+                st.preempted = True  # device blocks were freed: no reclaim moves after this
+        off_plan = CopyPlan("swap_out", tuple(offload))
         preemptions: list[Preemption] = []
         while need > 0 and self.gm.available_for(r.home) < need:
             victim = self._pick_victim(r)
@@ -436,7 +515,7 @@ class KVCacheManager:
                 preemptions.append(self._preempt(r))
                 st.preempted = True
                 return GrowResult(rid, "preempted", start, n, _EMPTY_SLOTS, tuple(preemptions),
-                                  plan)
+                                  plan, off_plan)
             if victim.seq < r.seq:  # an older borrower: the home takes its blocks back
                 self.reclaimed_preempted[r.home] += self._blocks_on(victim, r.home)
                 victim.reclaimed_by.add(r.home)
@@ -449,17 +528,91 @@ class KVCacheManager:
             assert ids is not None
             self.table.append(rid, ids)
         r.num_tokens = start + n
-        if self._step_state is not None:
-            self._step_state.grown.setdefault(rid, start)
+        st.grown.setdefault(rid, start)
         return GrowResult(rid, "ok", start, n, self.table.slots(rid, start, n), tuple(preemptions),
-                          plan)
+                          plan, off_plan)
+
+    def _offload(self, r: _Allocation, need: int, st: _StepState) -> list[tuple[int, int]]:
+        """Copy full private device blocks of running requests to the host
+        tier until ``r``'s home can get ``need`` blocks: ``r``'s own oldest
+        blocks first, then the newest requests' oldest ones. A block counts
+        when freeing it helps ``r`` (on its home, or on an instance that can
+        lend it) and its KV is written (before this step's growth). The
+        block stays in its table as a host entry. Returns (device, host)
+        copies."""
+        cfg = self.config
+        bs, bpi = cfg.block_size, cfg.blocks_per_instance
+        order = [r] + [q for q in reversed(self._ordered(RUNNING)) if q is not r]
+        pairs: list[tuple[int, int]] = []
+        for q in order:
+            written = st.grown.get(q.rid, q.num_tokens) // bs  # its full, written blocks
+            ids = self.table.blocks(q.rid)[:written]
+            for j in np.flatnonzero(ids < self._D).tolist():
+                if self.gm.available_for(r.home) >= need:
+                    return pairs
+                g = int(ids[j])
+                c = g // bpi
+                m = self.gm.managers[c]
+                if m.refs[g - m.base] != 1:
+                    continue  # shared (cache, fork): stays on device for its other readers
+                if c != r.home and (cfg.kv_policy == "local" or min(
+                        m.num_free + 1, m.lend_cap - m.lent + (c != q.home)) <= m.lendable):
+                    continue  # freeing it would not give r a block
+                host = self.host.allocate_for(q.home, [g])
+                if host is None:
+                    return pairs  # host tier full
+                m.unregister(g)  # its cache entry (if any) goes: the block leaves the device
+                self.gm.free(q.home, [g])
+                self.table.set(q.rid, j, self._D + host[0])
+                pairs.append((g, host[0]))
+                self.offloaded[host[0] // cfg.host_blocks_per_instance] += 1
+        return pairs
+
+    def _bring_back(self, budget: int) -> list[tuple[int, int]]:
+        """Host-attended blocks back to device blocks (oldest request first,
+        each from its newest host block down), within ``budget``: on the
+        request's home, else (distributed) borrowed from the instance with the
+        most spare blocks (migration later moves them home), while every
+        instance keeps a free block per running request homed there. Evictable prefix-cache blocks count as free: device
+        attention of a running request outweighs a prefix that may return."""
+        cfg = self.config
+        pairs: list[tuple[int, int]] = []
+        running = self._ordered(RUNNING)
+        homed = np.bincount([q.home for q in running], minlength=cfg.num_instances)
+        for q in running:
+            if len(pairs) >= budget:
+                break
+            ids = self.table.blocks(q.rid)
+            for j in np.flatnonzero(ids >= self._D)[::-1].tolist():
+                if len(pairs) >= budget:
+                    break
+                # home first; else (distributed) a lender with spare blocks
+                room = [m.num_free - homed[c] if c == q.home else
+                        min(m.lendable, m.num_free - homed[c])
+                        for c, m in enumerate(self.gm.managers)]
+                if cfg.kv_policy == "local":
+                    room = [room[c] if c == q.home else 0 for c in range(len(room))]
+                dest = q.home if room[q.home] > 0 else int(np.argmax(room))
+                if room[dest] <= 0:
+                    break
+                h = int(ids[j]) - self._D
+                if dest == q.home:
+                    (g,) = self.gm.managers[dest].allocate_local(1)
+                else:
+                    (g,) = self.gm.managers[dest].allocate_remote(q.home, 1)
+                    self.gm.ledger[q.home, dest] += 1
+                self.table.set(q.rid, j, g)
+                self.host.free([h])
+                pairs.append((h, g))
+                self.brought_back[h // cfg.host_blocks_per_instance] += 1
+        return pairs
 
     def _shrink(self, r: _Allocation, num_tokens: int) -> None:
         """Back to ``num_tokens`` of KV: the blocks past them (allocated for
         tokens not yet written) are let go of."""
         keep = self.blocks_needed(num_tokens)
         ids = self.table.blocks(r.rid).tolist()
-        if len(ids) > keep:
+        if len(ids) > keep:  # blocks allocated this step: on device
             self.table.clear(r.rid)
             self.table.append(r.rid, ids[:keep])
             self.gm.free(r.home, ids[keep:][::-1])
@@ -479,6 +632,7 @@ class KVCacheManager:
         ``victim`` let go of its device blocks (a block other requests still
         read stays taken)."""
         ids = self.table.blocks(victim.rid)
+        ids = ids[ids < self._D]
         if ids.shape[0] == 0:
             return 0
         I, bpi = self.config.num_instances, self.config.blocks_per_instance
@@ -527,19 +681,25 @@ class KVCacheManager:
 
     def _preempt(self, r: _Allocation) -> Preemption:
         self._unpromise(r)
-        ids = self.table.blocks(r.rid).tolist()
-        if not ids:
+        table = self.table.blocks(r.rid).tolist()
+        if not table:
             r.num_tokens = 0
             return Preemption(r.rid, "recompute")
+        ids, attended = self._split(table)  # host-attended blocks stay where they are
         host = self.host.allocate_for(r.home, ids)
         self.table.clear(r.rid)
         self.gm.free(r.home, ids[::-1])  # shared blocks stay with their other readers
         r.num_registered = 0
         if host is None:
+            if self._step_state is not None:
+                self._step_state.host_freed.extend(attended)
+            else:
+                self.host.free(attended)
             r.num_tokens = 0
             return Preemption(r.rid, "recompute")
         r.state = SWAPPED
-        r.host_blocks = host
+        new = iter(host)
+        r.host_blocks = [g - self._D if g >= self._D else next(new) for g in table]
         return Preemption(r.rid, "swap", CopyPlan("swap_out", tuple(zip(ids, host))))
 
     def can_swap_in(self, rid: RequestId, extra_tokens: int = 0) -> bool:
@@ -547,24 +707,44 @@ class KVCacheManager:
         request on every instance (so that a request swapped back in is not
         at once taken back by a creditor's growing requests)."""
         r = self._reqs[rid]
-        need = self.blocks_needed(r.num_tokens + extra_tokens)
-        if need > self.config.max_request_blocks(r.home):
+        total = self.blocks_needed(r.num_tokens + extra_tokens)
+        if total > self.config.max_request_blocks(r.home):
             return False
-        headroom = len(self._ordered(RUNNING)) if self.config.kv_policy != "local" else \
-            sum(1 for q in self._ordered(RUNNING) if q.home == r.home)
-        return self.gm.available_for(r.home) >= need + headroom
+        # device blocks it needs: all of them, or under host attention only its
+        # partial last block and the new tokens' (full blocks may stay on host)
+        need = total - (self._may_stay(r) if self.config.host_attention else 0)
+        return self.gm.available_for(r.home) >= need + self._headroom(r)
 
-    def swap_in(self, rid: RequestId) -> CopyPlan | None:
-        """Bring a swapped request back to device blocks, or None if no room."""
+    def _headroom(self, r: _Allocation) -> int:
+        running = self._ordered(RUNNING)
+        if self.config.kv_policy != "local":
+            return len(running)
+        return sum(1 for q in running if q.home == r.home)
+
+    def _may_stay(self, r: _Allocation) -> int:
+        """Blocks of a swapped request that may stay host-attended: full ones."""
+        return min(len(r.host_blocks), r.num_tokens // self.config.block_size)
+
+    def swap_in(self, rid: RequestId, extra_tokens: int = 0) -> CopyPlan | None:
+        """Bring a swapped request back to device blocks, or None if no room.
+        Under host attention its oldest full blocks stay host-attended when
+        the devices cannot take them all (keeping room for ``extra_tokens``
+        and the headroom of ``can_swap_in``)."""
         r = self._reqs[rid]
         if r.state != SWAPPED:
             raise ValueError(f"swap_in of {r.state} request {rid!r}")
-        ids = self.gm.allocate(r.home, len(r.host_blocks))
+        hb = list(r.host_blocks)
+        stay = 0
+        if self.config.host_attention:
+            new = max(0, self.blocks_needed(r.num_tokens + extra_tokens) - len(hb))
+            room = self.gm.available_for(r.home) - new - self._headroom(r)
+            stay = min(self._may_stay(r), max(0, len(hb) - room))
+        ids = self.gm.allocate(r.home, len(hb) - stay)
         if ids is None:
             return None
-        self.table.append(rid, ids)
-        plan = CopyPlan("swap_in", tuple(zip(r.host_blocks, ids)))
-        self.host.free(r.host_blocks)
+        self.table.append(rid, [self._D + h for h in hb[:stay]] + ids)
+        plan = CopyPlan("swap_in", tuple(zip(hb[stay:], ids)))
+        self.host.free(hb[stay:])
         r.host_blocks = []
         r.state = RUNNING
         return plan
@@ -625,6 +805,7 @@ class KVCacheManager:
                 continue
             res = self.grow(r.rid, want[r.rid])
             moves = moves.concat(res.moves)
+            swap_out = swap_out.concat(res.offload)
             for p in res.preemptions:
                 preempted.append(p)
                 gone.add(p.request_id)
@@ -647,14 +828,20 @@ class KVCacheManager:
             if not self.can_swap_in(r.rid, n):
                 deferred.append(r.rid)
                 continue
-            swap_in = swap_in.concat(self.swap_in(r.rid))
+            swap_in = swap_in.concat(self.swap_in(r.rid, n))
             self._step_state.budget = 0  # no reclaim moves once swap-ins are planned
             res = self.grow(r.rid, n)
-            assert res.status == "ok" and not res.preemptions and not res.moves
+            assert res.status == "ok" and not res.preemptions and not res.moves \
+                and not res.offload
             swapped_in.append(r.rid)
             scheduled.append((r.rid, res.start, res.num_new))
+        if self.config.host_attention and not self._step_state.preempted:
+            # planned last: no later copy of this step allocates a freed host block
+            back = self._bring_back(self._step_state.budget)
+            swap_in = swap_in.concat(CopyPlan("swap_in", tuple(back)))
 
         forks, self._forks = CopyPlan("move", tuple(self._forks)), []
+        self.host.free(self._step_state.host_freed)
         self._step_state = None
         return StepKVPlan(
             forks=forks,

@@ -50,6 +50,16 @@ class KVCacheConfig:
       ``distributed``, on the request's own instance under ``local``.
     cache_salt: mixed into every prefix hash (the model and dtype), so KV
       computed by another model can never match.
+    host_attention: a running request's full, older blocks may live in the
+      host tier and be attended there (host-attended KV). Placement order
+      when a request grows: its own instance, borrowed device blocks (after
+      reclaiming the home's lent ones), then the oldest full private blocks
+      of running requests move to the host tier (offload), then preemption.
+      Host blocks come back to their request's home as its free blocks
+      allow, within the migration budget. The host pool is one free list
+      per instance shared by host-attended blocks and swapped-out requests,
+      first come first served: when it is full, preemption recomputes.
+      In a block table, host block ``h`` is written ``num_device_blocks + h``.
     """
 
     num_instances: int
@@ -62,6 +72,7 @@ class KVCacheConfig:
     home_reserve_blocks: int = 0
     enable_prefix_caching: bool = False
     cache_salt: str = ""
+    host_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -103,9 +114,19 @@ class KVCacheConfig:
         return self.num_instances * self.host_blocks_per_instance
 
     def max_request_blocks(self, instance: int) -> int:
-        """Most device blocks one request homed on ``instance`` can ever hold."""
+        """Most blocks one request homed on ``instance`` can ever hold: device
+        blocks, plus host blocks under host_attention (all but the last
+        block may be host-attended)."""
         del instance  # every instance has the same shape
-        return self.blocks_per_instance + (self.num_instances - 1) * self.lend_cap
+        device = self.blocks_per_instance + (self.num_instances - 1) * self.lend_cap
+        if not self.host_attention:
+            return device
+        host = self.host_blocks_per_instance if self.kv_policy == "local" else self.num_host_blocks
+        return device + host
+
+    def is_host(self, block: int) -> bool:
+        """A block-table entry naming a host block (host-attended KV)."""
+        return block >= self.num_device_blocks
 
     def owner(self, device_block: int) -> int:
         return device_block // self.blocks_per_instance
@@ -190,10 +211,15 @@ class GrowResult:
     # reclaim moves planned for this growth (run with the step's moves, before
     # the preemptions' swap-outs): borrowers' blocks leaving the home instance
     moves: CopyPlan | None = None  # None: no moves (normalized to an empty plan)
+    # host-attended KV: full blocks of running requests copied to the host
+    # tier to make room (run with the swap-outs); they stay in their tables
+    offload: CopyPlan | None = None
 
     def __post_init__(self) -> None:
         if self.moves is None:
             object.__setattr__(self, "moves", CopyPlan("move"))
+        if self.offload is None:
+            object.__setattr__(self, "offload", CopyPlan("swap_out"))
 
 
 @dataclass(frozen=True)
@@ -202,7 +228,9 @@ class StepKVPlan:
 
     Execute in this order: ``forks`` (device->device copies), ``moves``
     (device->device), ``swap_out``
-    (device->host), ``swap_in`` (host->device); then run the step, writing the
+    (device->host: preempted requests, and blocks offloaded to be attended
+    on the host), ``swap_in`` (host->device: swapped requests, and
+    host-attended blocks brought back); then run the step, writing the
     new tokens of ``scheduled`` (their slots: ``KVCacheManager.slots``).
 
     scheduled: (request_id, start_position, num_new_tokens) in batch order.

@@ -106,6 +106,8 @@ class StepShape:
     logits: int      # S: logits rows per instance
     banned: int = 8  # banned-token columns
     penalty: int = 0  # penalty entries per row (0: no row has penalties)
+    host_runs: int = 0  # host-attended KV work-list runs per instance (0: none)
+    host_run: int = 0
 
 
 def kv_blocks_from_memory(layout: PoolLayout, dtype, cfg: ModelConfig, args: EngineArgs,
@@ -278,12 +280,14 @@ class ModelRunner:
             tokens = self._put_rows(plan.tokens)
         st = sampling_tensors(plan.logits_rows, eos_ids)
         a = plan.attention
+        host = a.host_item_tile.shape[1:] if a.has_host_work else (0, 0)
         self.shapes_run.add(StepShape(plan.tokens.shape[1], a.tile_rows.shape[0], a.tile_rows.shape[1],
                                       a.item_tile.shape[1], a.item_tile.shape[2],
                                       plan.logits_index.shape[1], st.banned.shape[1],
-                                      0 if st.pen_ids is None else st.pen_ids.shape[1]))
+                                      0 if st.pen_ids is None else st.pen_ids.shape[1], *host))
         self.pools, *result = self._step(
-            self.params, self.pools, tokens, plan.positions, DistMeta.from_plan(plan.attention),
+            self.params, self.pools, tokens, plan.positions,
+            DistMeta.from_plan(plan.attention, self.host_pools),
             plan.logits_index, plan.targets, st, self._reports_logprobs(plan.logits_rows))
         return result
 
@@ -400,6 +404,12 @@ class ModelRunner:
             item_tile=np.full((I, s.runs, s.run), s.tiles, np.int32),
             item_block=np.zeros((I, s.runs, s.run), np.int32),
             item_kstart=np.full((I, s.runs, s.run), MASKED, np.int32))
+        if s.host_runs:  # host-attended KV: an all-padding host work list
+            hw = (I, s.host_runs, s.host_run)
+            meta = meta._replace(host_item_tile=np.full(hw, s.tiles, np.int32),
+                                 host_item_block=np.zeros(hw, np.int32),
+                                 host_item_kstart=np.full(hw, MASKED, np.int32),
+                                 host_k=self.host_pools.k, host_v=self.host_pools.v)
         st = make_sampling_tensors([_GREEDY_ROW] * n, [0] * n, [None] * n, seeds=[0] * n,
                                    banned_width=s.banned, penalty_rows=[None] * n,
                                    penalty_width=s.penalty)

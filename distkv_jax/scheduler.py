@@ -109,7 +109,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}   # live (not finished), insertion = arrival order
         kc = kv.config
         self.num_instances = kc.num_instances
-        self.geom = PoolGeometry(kc.num_instances, kc.blocks_per_instance, kc.block_size)
+        self.geom = PoolGeometry(kc.num_instances, kc.blocks_per_instance, kc.block_size,
+                                 kc.host_blocks_per_instance)
 
     # ---------------------------------------------------------------- queues
     def add(self, req: Request) -> None:
@@ -249,6 +250,7 @@ class Scheduler:
                 # it one block short would otherwise wait forever).
                 busy = sum(load) > 0            # running or swapped requests
                 room = (self.kv.gm.available_for(inst) + self.kv.reclaimable(inst)
+                        + self.kv.offloadable(inst)
                         - (cfg.watermark_blocks if busy else 0)) * self.geom.block_size
                 if room <= 0:                   # undo: it waits, FCFS (no overtaking)
                     self.kv.finish(r.request_id)

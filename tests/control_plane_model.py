@@ -36,8 +36,10 @@ class Shadow:
 
     def grow(self, res: GrowResult, seq: int) -> None:
         self.copy(res.moves)  # reclaim moves run first (with the step's moves)
+        out = res.offload  # then one swap-out batch: offloads and preemptions
         for p in res.preemptions:
-            self.copy(p.swap_out)
+            out = out.concat(p.swap_out)
+        self.copy(out)
         if res.status == "ok" and res.num_new:
             self.new_blocks_from(res.request_id, seq, res.start)
 
@@ -63,7 +65,9 @@ class Shadow:
             if m.state(rid) == RUNNING:
                 ids = m.block_ids(rid)
                 want = [tag(seq, j) for j in range(len(ids))]
-                assert self.dev[ids].tolist() == want, (rid, ids, self.dev[ids])
+                D = m.config.num_device_blocks
+                got = [int(self.host[g - D]) if g >= D else int(self.dev[g]) for g in ids.tolist()]
+                assert got == want, (rid, ids, got)
             else:
                 hb = list(m.host_block_ids(rid))
                 want = [tag(seq, j) for j in range(len(hb))]
@@ -85,6 +89,14 @@ def check_invariants(mgr: KVCacheManager) -> None:
             assert len(ids) == -(-n_tok // bs), (rid, len(ids), n_tok)
             assert len(mgr.host_block_ids(rid)) == 0
             for g in ids.tolist():
+                if g >= cfg.num_device_blocks:  # host-attended
+                    assert cfg.host_attention, (rid, g)
+                    h = g - cfg.num_device_blocks
+                    assert host_holder[h] == -1, f"host block {h} owned twice"
+                    host_holder[h] = k
+                    if cfg.kv_policy == "local":
+                        assert h // cfg.host_blocks_per_instance == home
+                    continue
                 assert 0 <= g < cfg.num_device_blocks
                 assert holder[g] == -1, f"block {g} owned twice"
                 holder[g] = k
@@ -92,7 +104,9 @@ def check_invariants(mgr: KVCacheManager) -> None:
                 if c != home:
                     ledger[home, c] += 1
             if cfg.kv_policy == "local":
-                assert all(g // B == home for g in ids.tolist())
+                assert all(g // B == home for g in ids.tolist() if g < cfg.num_device_blocks)
+            if n_tok % bs and len(ids):  # the block being written is on device
+                assert ids[-1] < cfg.num_device_blocks
         else:
             assert mgr.state(rid) == SWAPPED
             assert len(mgr.block_ids(rid)) == 0

@@ -21,6 +21,7 @@ configs = st.builds(
     lend_fraction=st.sampled_from([0.0, 0.5, 1.0]),
     migrate_tokens_per_step=st.sampled_from([0, 1, 4, 16]),
     home_reserve_blocks=st.integers(0, 1),
+    host_attention=st.booleans(),
 )
 ops = st.lists(
     st.tuples(st.sampled_from(OPS), st.integers(0, 63), st.integers(0, 9)),
@@ -57,7 +58,7 @@ def run_ops(cfg: KVCacheConfig, op_list, shadow_check: bool = True):
                     assert mgr.num_tokens(pick) == 0
         elif op == "swap_in":
             if mgr.state(pick) == SWAPPED:
-                plan = mgr.swap_in(pick)
+                plan = mgr.swap_in(pick, b % 3)
                 if plan is not None:
                     shadow.copy(plan)
         elif op == "migrate":
@@ -137,11 +138,14 @@ def test_long_seeded_sequences(cfg, seed):
 @settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(n_inst=st.integers(2, 8), blocks=st.integers(2, 5), host=st.integers(0, 2),
-       budget=st.sampled_from([1, 2, 3, 8]), seed=st.integers(0, 2**31 - 1))
-def test_tight_seeded_sequences(n_inst, blocks, host, budget, seed):
-    """Full pools and small grows: borrowing, debt cycles, migration, swaps."""
+       budget=st.sampled_from([1, 2, 3, 8]), host_attention=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_tight_seeded_sequences(n_inst, blocks, host, budget, host_attention, seed):
+    """Full pools and small grows: borrowing, debt cycles, migration, swaps,
+    offload to host-attended blocks and bringing them back."""
     cfg = KVCacheConfig(n_inst, blocks, block_size=1, host_blocks_per_instance=host,
-                        lend_fraction=1.0, migrate_tokens_per_step=budget)
+                        lend_fraction=1.0, migrate_tokens_per_step=budget,
+                        host_attention=host_attention)
     run_ops(cfg, random_ops(seed, 200, max_grow=3))
 
 
@@ -157,3 +161,18 @@ def test_tight_sequences_exercise_reclaim():
             moved += int(mgr.reclaimed_moved.sum())
             preempted += int(mgr.reclaimed_preempted.sum())
     assert moved > 0 and preempted > 0, (moved, preempted)
+
+
+def test_sequences_exercise_host_attention():
+    """With host attention on, the random sequences offload blocks, bring
+    them back, and swap requests that hold host-attended blocks."""
+    offloaded = back = 0
+    for seed in range(30):
+        for bs in (1, 2):
+            cfg = KVCacheConfig(4, 3, block_size=bs, host_blocks_per_instance=3,
+                                lend_fraction=1.0, migrate_tokens_per_step=2,
+                                host_attention=True)
+            mgr = run_ops(cfg, random_ops(seed, 200, max_grow=3))
+            offloaded += int(mgr.offloaded.sum())
+            back += int(mgr.brought_back.sum())
+    assert offloaded > 0 and back > 0, (offloaded, back)

@@ -20,6 +20,7 @@ from attention_reference import dense_attention_f64
 
 ROWS = 16          # query rows per instance
 BLOCKS = 12        # blocks per instance
+HOST_BLOCKS = 10   # host-pool blocks per instance (host-attended cases)
 LAYERS = 2
 HEAD_DIM = 8
 
@@ -36,14 +37,21 @@ def _setup(mesh_str, num_heads, num_kv, block_size, impl="reference"):
 
 
 def run_case(mesh_str, num_heads, num_kv, block_size, seqs, placements, q_tile, seed,
-             impl="reference", layer=1, run=None):
+             impl="reference", layer=1, run=None, host=False):
     """seqs: list of (owner instance, context length, new tokens); placements:
-    per sequence, the instance of each logical block (cycled if short)."""
+    per sequence, the instance of each logical block (cycled if short).
+    host=True: a placement p with (p // 8) odd puts a full context block in
+    the host pool of instance p % I (host-attended KV)."""
     mesh, layout, fn = _setup(mesh_str, num_heads, num_kv, block_size, impl)
     I, bs = layout.num_instances, block_size
     rng = np.random.default_rng(seed)
     k_pool = rng.standard_normal(layout.shape).astype(np.float32)  # junk outside written slots
     v_pool = rng.standard_normal(layout.shape).astype(np.float32)
+    HB = HOST_BLOCKS if host else 0
+    host_shape = (LAYERS, I * HB) + layout.shape[2:]
+    hk_pool = rng.standard_normal(host_shape).astype(np.float32)
+    hv_pool = rng.standard_normal(host_shape).astype(np.float32)
+    host_free = [list(range(i * HB, (i + 1) * HB)) for i in range(I)]
     q = rng.standard_normal((I, ROWS, num_heads, HEAD_DIM)).astype(np.float32)
     k_new = rng.standard_normal((I, ROWS, num_kv, HEAD_DIM)).astype(np.float32)
     v_new = rng.standard_normal((I, ROWS, num_kv, HEAD_DIM)).astype(np.float32)
@@ -58,7 +66,11 @@ def run_case(mesh_str, num_heads, num_kv, block_size, seqs, placements, q_tile, 
             continue  # no room for this sequence in this small pool
         table = []
         for lb in range(-(-total // bs)):
-            inst = where[lb % len(where)] % I
+            p = where[lb % len(where)]
+            inst = p % I
+            if host and (p // 8) % 2 and lb < ctx // bs and host_free[inst]:
+                table.append(I * BLOCKS + host_free[inst].pop(0))
+                continue
             if not free[inst]:  # instance full: take the next one with room
                 inst = next(j for j in range(I) if free[j])
             table.append(free[inst].pop(0))
@@ -67,8 +79,10 @@ def run_case(mesh_str, num_heads, num_kv, block_size, seqs, placements, q_tile, 
         slots = table[pos // bs] * bs + pos % bs
         keys = np.empty((total, num_kv, HEAD_DIM), np.float32)
         vals = np.empty_like(keys)
-        keys[:ctx] = k_pool[layer].reshape(-1, num_kv, HEAD_DIM)[slots[:ctx]]
-        vals[:ctx] = v_pool[layer].reshape(-1, num_kv, HEAD_DIM)[slots[:ctx]]
+        both_k = np.concatenate([k_pool[layer], hk_pool[layer]]).reshape(-1, num_kv, HEAD_DIM)
+        both_v = np.concatenate([v_pool[layer], hv_pool[layer]]).reshape(-1, num_kv, HEAD_DIM)
+        keys[:ctx] = both_k[slots[:ctx]]
+        vals[:ctx] = both_v[slots[:ctx]]
         row = next_row[owner]
         next_row[owner] += new
         keys[ctx:] = k_new[owner, row:row + new]
@@ -77,12 +91,17 @@ def run_case(mesh_str, num_heads, num_kv, block_size, seqs, placements, q_tile, 
         queries.append(SeqQuery(owner, row, range(ctx, total), table))
         expected.append((owner, row, new, ref, slots[ctx:], keys[ctx:], vals[ctx:]))
 
-    plan = build_attention_plan(queries, PoolGeometry(I, BLOCKS, bs), ROWS, q_tile=q_tile, run=run)
+    plan = build_attention_plan(queries, PoolGeometry(I, BLOCKS, bs, HB), ROWS, q_tile=q_tile,
+                                run=run)
     pool_sh = NamedSharding(mesh, layout.spec)
+    host_sh = NamedSharding(mesh, layout.spec, memory_kind="pinned_host")
     row_sh = NamedSharding(mesh, P("inst"))
+    host_pools = (jax.device_put(hk_pool, host_sh), jax.device_put(hv_pool, host_sh)) if host \
+        else None
     out, k_out, v_out = fn(jax.device_put(q, row_sh), jax.device_put(k_new, row_sh),
                            jax.device_put(v_new, row_sh), jax.device_put(k_pool, pool_sh),
-                           jax.device_put(v_pool, pool_sh), layer, DistMeta.from_plan(plan))
+                           jax.device_put(v_pool, pool_sh), layer,
+                           DistMeta.from_plan(plan, host_pools))
     out, k_out, v_out = np.asarray(out), np.asarray(k_out), np.asarray(v_out)
     err = 0.0
     for owner, row, new, ref, slots, keys, vals in expected:
@@ -142,6 +161,30 @@ def test_native_kernel_inside_dist_attention(mesh_str):
                       [[1, 0], [0, 1, 0], [1, 0, 1, 1, 0, 1, 0, 0, 1, 1]],
                       q_tile=4, seed=6, impl="native", run=2)
     assert err <= 1e-5
+
+
+@pytest.mark.parametrize("mesh_str", ["1x1", "2x4", "8x1"])
+@pytest.mark.parametrize("impl", ["native", "reference"])
+def test_host_attended_blocks(mesh_str, impl):
+    """Context blocks in the instances' host pools (pinned_host) are attended
+    by the host CPU in place and merged with the device partials: equal to
+    dense attention, decode and prefill tiles, at least half of the context
+    on the host."""
+    seqs = [(0, 70, 1), (1, 45, 3), (0, 33, 4), (1, 60, 1)]
+    placements = [[8, 9, 1, 10, 11, 0], [9, 8, 0], [10, 1, 12], [8, 9, 10, 2]]
+    for q_tile, seed in ((1, 3), (4, 4)):
+        cases = [(o, c, 1 if q_tile == 1 else n) for o, c, n in seqs]
+        err, plan = run_case(mesh_str, 4, 2, 8, cases, placements, q_tile=q_tile, seed=seed,
+                             impl=impl, host=True)
+        assert err <= 1e-5
+        assert plan.has_host_work
+        assert plan.host_items_per_instance().sum() >= plan.items_per_instance().sum() // 2
+
+
+def test_host_blocks_are_never_written():
+    geom = PoolGeometry(2, 4, 8, 4)
+    with pytest.raises(ValueError, match="must go to device blocks"):
+        build_attention_plan([SeqQuery(0, 0, [8], [0, 9])], geom, 4)
 
 
 def test_plan_work_is_proportional_to_blocks():

@@ -114,6 +114,21 @@ class _EngineCollector:
             reclaimed.add_metric(m + [str(i), "moved"], n)
             reclaimed.add_metric(m + [str(i), "preempted"], s["kv_reclaimed_preempted"][i])
         yield reclaimed
+        attended = GaugeMetricFamily(
+            P + "kv_host_attended_blocks", "KV blocks of running requests held in host memory "
+            "and attended there by the host CPU, by the instance whose host pool holds them.",
+            labels=["model_name", "instance"])
+        offload = CounterMetricFamily(
+            P + "kv_host_offloaded_blocks", "Full KV blocks of running requests copied to host "
+            "memory to be attended there (direction=offloaded), or back to device memory "
+            "(direction=brought_back), by host pool instance.",
+            labels=["model_name", "instance", "direction"])
+        for i, n in enumerate(s["kv_host_attended_blocks"]):
+            attended.add_metric(m + [str(i)], n)
+            offload.add_metric(m + [str(i), "offloaded"], s["kv_offloaded_blocks"][i])
+            offload.add_metric(m + [str(i), "brought_back"], s["kv_brought_back_blocks"][i])
+        yield attended
+        yield offload
         st = s["stats"]
         for name, key, doc in (
                 ("num_preemptions", "preemptions", "Requests preempted (host swap or recompute)."),
