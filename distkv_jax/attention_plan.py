@@ -46,6 +46,10 @@ import numpy as np
 
 MAX_RUN = 64
 MASKED = 1 << 30  # a key start past any position: the item attends nothing
+# Run length of host work lists: host-attended blocks are the old part of
+# long contexts (long runs), and one fixed length keeps the host part to one
+# program per runs bucket.
+HOST_RUN = 16
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -220,7 +224,7 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
     host = (None, None, None)
     if on_host.any():
         hb = gb[on_host] - I * NB
-        host = _work_list(it[on_host], hb // HB, hb % HB, ks[on_host], I, n_tiles, None,
+        host = _work_list(it[on_host], hb // HB, hb % HB, ks[on_host], I, n_tiles, HOST_RUN,
                           run_choices, overhead, min_runs)
     return AttentionPlan(slots, positions, tile_rows, item_tile, item_block, item_kstart, *host)
 

@@ -126,6 +126,11 @@ def check_shared_invariants(mgr: KVCacheManager, shared_blocks: set) -> None:
             assert len(set(ids)) == len(ids), f"{rid!r} holds a block twice"
             assert not mgr.host_block_ids(rid)
             for g in ids:
+                if g >= cfg.num_device_blocks:  # host-attended: held by this request alone
+                    h = g - cfg.num_device_blocks
+                    assert host_holder[h] == -1, f"host block {h} owned twice"
+                    host_holder[h] = k
+                    continue
                 refs[g] += 1
                 reader_home[g] = home
                 if cfg.kv_policy == "local":

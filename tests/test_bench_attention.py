@@ -33,6 +33,14 @@ def test_bench_attention_quick(tmp_path):
     # tensor parallelism (4x2 against 4x1): the same attention output
     tp = result["tp"]
     assert tp["tp1_ms"] > 0 and tp["tp2_ms"] > 0 and tp["max_abs_diff"] <= 1e-5
+    # host-attended KV: half of every sequence on the host, the same output;
+    # queries and partials cross the device-host boundary, not the KV
+    host = result["host"]
+    assert host["half_host_ms"] > 0 and host["all_device_ms"] > 0 and host["swap_in_each_step_ms"] > 0
+    assert all(n > 0 for n in host["host_items_per_instance"])
+    assert host["max_abs_diff_half_host_vs_all_device"] <= 1e-5
+    assert host["max_abs_diff_swap_in_vs_all_device"] <= 1e-5
+    assert host["swap_in_bytes_per_step"] > host["host_path_bytes_per_step"] > 0
     pre = result["prefill"]
     for q_tile in (8, 16):
         assert pre[f"native_q_tile{q_tile}_ms"] > 0 and pre[f"reference_q_tile{q_tile}_ms"] > 0

@@ -47,13 +47,19 @@ def test_bench_capacity_quick(tmp_path):
     capped = rows[(I, "distributed@0.5")]
     assert dist["fraction_of_device_kv"] >= 0.99 > capped["fraction_of_device_kv"]
     assert capped["longest_prompt"] < dist["longest_prompt"]
-    # a host tier holds preempted requests, not a running one's KV
-    assert host["longest_prompt"] == dist["longest_prompt"]
+    # host-attended KV: one request holds every device and host block (the
+    # last one may be partly empty); as swap space only, the host tier holds
+    # preempted requests, not a running one's KV
+    assert host["host_attention"] and host["fraction_of_device_and_host_kv"] >= 0.99, host
+    swap = rows[(I, "distributed+swap")]
+    assert not swap["host_attention"] and swap["longest_prompt"] == dist["longest_prompt"]
     # creditors take their blocks back: every request completes, the long
     # one unchanged
     for sc in result["reclaim"]:
         assert sc["all_completed"] and sc["long_equals_alone"], sc
-        assert sc["reclaimed_moved"] + sc["reclaimed_preempted"] > 0, sc
+        assert sc["reclaimed_moved"] + sc["reclaimed_preempted"] + sc["offloaded_to_host"] > 0, sc
+        if sc["host_attention"]:
+            assert sc["offloaded_to_host"] > 0 and sc["preemptions"] == 0, sc
     assert png.exists()
 
 

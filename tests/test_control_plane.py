@@ -543,3 +543,86 @@ def test_a_reclaimed_borrower_does_not_preempt_the_reclaimers_requests():
     assert mgr.state("B") == RUNNING and mgr.num_tokens("B") == 2
     mgr.finish("B")
     assert mgr.grow("A", 4).status == "ok"
+
+
+# ------------------------------------------------------------ host-attended KV
+def _host_cfg(**kw):
+    base = dict(num_instances=1, blocks_per_instance=4, block_size=2, host_blocks_per_instance=8,
+                host_attention=True, migrate_tokens_per_step=4)
+    base.update(kw)
+    return KVCacheConfig(**base)
+
+
+def test_one_request_grows_past_the_devices_onto_the_host():
+    """A request holds every device block and the host's: its oldest full
+    blocks are offloaded (device -> host copies), the block being written
+    stays on device, and the data follows the table (shadow)."""
+    cfg = _host_cfg()
+    mgr = KVCacheManager(cfg)
+    shadow = Shadow(mgr)
+    mgr.admit("a")
+    assert mgr.max_request_tokens() == (4 + 8) * 2
+    for _ in range(23):
+        res = mgr.grow("a", 1)
+        assert res.status == "ok" and not res.preemptions
+        shadow.grow(res, 0)
+        check_invariants(mgr)
+        shadow.check(lambda r: 0)
+    ids = mgr.block_ids("a").tolist()
+    D = cfg.num_device_blocks
+    assert ids[-1] < D and sum(g >= D for g in ids) == 8  # the host is full, the last block local
+    assert [g >= D for g in ids] == sorted([g >= D for g in ids], reverse=True)  # oldest on host
+    assert int(mgr.offloaded.sum()) == 8 and mgr.host_attended_blocks().tolist() == [8]
+    assert mgr.grow("a", 2).status == "too_long"  # past device + host
+    mgr.finish("a")
+    check_all_free(mgr)
+
+
+def test_offload_before_preempting_and_bring_back_when_memory_frees():
+    cfg = _host_cfg(num_instances=2, blocks_per_instance=3, host_blocks_per_instance=4)
+    mgr = KVCacheManager(cfg)
+    shadow = Shadow(mgr)
+    mgr.admit("old", 0)
+    mgr.admit("new", 1)
+    step = lambda d: (shadow.step(p := mgr.prepare_step(d), {"old": 0, "new": 1}.get), p)[1]  # noqa: E731
+    step([("old", 8)])            # 4 blocks: 3 own + 1 borrowed
+    step([("new", 6)])            # 3 blocks: the mesh is full, old's oldest block goes to the host
+    assert mgr.state("old") == RUNNING and mgr.state("new") == RUNNING
+    assert int(mgr.offloaded.sum()) == 1 and mgr.block_ids("old")[0] >= cfg.num_device_blocks
+    p = step([("old", 2), ("new", 1)])
+    assert not p.preempted       # the host tier made room: nobody preempted
+    check_invariants(mgr)
+    shadow.check({"old": 0, "new": 1}.get)
+    mgr.finish("new")
+    back = 0
+    for _ in range(4):           # memory freed: host blocks come back, within the budget
+        p = step([("old", 0)])
+        assert len(p.swap_in) <= cfg.migrate_blocks_per_step
+        back += len(p.swap_in)
+        check_invariants(mgr)
+        shadow.check({"old": 0}.get)
+    assert back > 0 and int(mgr.brought_back.sum()) == back
+    mgr.finish("old")
+    check_all_free(mgr)
+
+
+def test_swapped_request_with_host_blocks_comes_back_partly_host_attended():
+    cfg = _host_cfg(blocks_per_instance=4, host_blocks_per_instance=10)
+    mgr = KVCacheManager(cfg)
+    shadow = Shadow(mgr)
+    mgr.admit("a")
+    for _ in range(7):           # 14 tokens: 7 blocks, 3+ of them on the host
+        shadow.grow(mgr.grow("a", 2), 0)
+    p = mgr.preempt("a")
+    assert p.mode == "swap" and len(p.swap_out) == 4   # its device blocks only
+    shadow.copy(p.swap_out)
+    assert len(mgr.host_block_ids("a")) == 7
+    assert mgr.can_swap_in("a", 1)
+    plan = mgr.swap_in("a", 1)   # 4 device blocks minus headroom: the oldest stay on the host
+    shadow.copy(plan)
+    check_invariants(mgr)
+    shadow.check(lambda r: 0)
+    ids = mgr.block_ids("a")
+    assert (ids >= cfg.num_device_blocks).sum() >= 3 and ids[-1] < cfg.num_device_blocks
+    mgr.finish("a")
+    check_all_free(mgr)

@@ -70,16 +70,23 @@ def test_greedy_parity_with_borrowing(llama, prompts, reference, mesh):
     assert (llm.engine.kv.free_device_blocks() == kv_blocks).all()
 
 
-@pytest.mark.parametrize("host_kv_blocks", [16, 0], ids=["swap_to_host", "recompute"])
-def test_greedy_parity_under_preemption(llama, prompts, reference, host_kv_blocks):
+@pytest.mark.parametrize("host_kv_blocks,host_attention", [(16, False), (0, False), (16, True)],
+                         ids=["swap_to_host", "recompute", "host_attended"])
+def test_greedy_parity_under_preemption(llama, prompts, reference, host_kv_blocks, host_attention):
     """A pool too small for the batch: requests are swapped to host and back,
-    or, with no host tier, dropped and recomputed."""
+    or, with no host tier, dropped and recomputed; with host-attended KV,
+    older blocks go to the host tier and are attended there instead."""
     path, _ = llama
     llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=host_kv_blocks,
-              max_num_batched_tokens=64)
+              host_attention=host_attention, max_num_batched_tokens=64)
     outs = llm.generate(prompts, GREEDY)
     _check_parity(outs, reference)
     stats = llm.engine.stats
+    if host_attention:
+        snap = llm.engine.metrics_snapshot()
+        assert sum(snap["kv_offloaded_blocks"]) > 0, snap
+        assert (llm.engine.kv.free_host_blocks() == host_kv_blocks).all()
+        return
     assert stats["preemptions"] > 0, stats
     if host_kv_blocks:
         assert stats["swapped_out_blocks"] > 0 and stats["swapped_in_blocks"] > 0, stats

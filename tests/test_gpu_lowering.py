@@ -141,15 +141,21 @@ def test_engine_programs_lower_for_cuda(dtype, mesh):
     llm = _mixed_workload(dtype, mesh)
     runner = llm.engine.runner
     stats = llm.engine.stats
-    assert stats["preemptions"] > 0 and stats["swapped_out_blocks"] > 0, stats
+    # the small pool sends older blocks to the host tier (host-attended KV)
+    assert sum(llm.engine.kv.offloaded) > 0 and stats["swapped_out_blocks"] > 0, stats
     assert runner.attention_impl == "native"  # this CPU ran the native kernel
     shapes = sorted(runner.shapes_run, key=str)
     assert {s.q_tile for s in shapes} >= {1, runner.prefill_q_tile}, shapes  # decode + prefill
+    assert any(s.host_runs for s in shapes) and not all(s.host_runs for s in shapes), shapes
     for shape in shapes:
         text = runner.lower_step(shape, platform="cuda").as_text()
         # one Triton MicroAttention per layer body (layers are scanned)
-        assert TRITON_CALL in text and NATIVE_CALL not in text, shape
+        assert TRITON_CALL in text, shape
         assert re.search(r"all_to_all|all_gather", text), shape  # DistAttention's collectives
+        # the native CPU kernel only as the host's part, over host memory
+        native = [line for line in text.splitlines() if NATIVE_CALL in line]
+        assert bool(native) == bool(shape.host_runs), shape
+        assert all('_xla_compute_type = "host"' in line for line in native), native
     copies = runner.lower_copies("cuda")
     kinds = {d for d, _ in copies}
     assert kinds == {"move", "out", "in"}, kinds  # forks, swap out, swap in

@@ -25,8 +25,9 @@ VICTIM = list(range(200, 226))
 def llm():
     # 2 instances x 6 blocks of 8 tokens: requests borrow, and the pool is
     # too small for the batch, so requests are swapped to host and back.
+    # (host_attention off: the host tier is swap space, so requests reach SWAPPED)
     return LLM("tiny", mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=16,
-               max_num_batched_tokens=16, warm_start=False)
+               host_attention=False, max_num_batched_tokens=16, warm_start=False)
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +331,11 @@ def test_warm_start_builds_every_program_a_workload_uses():
     the warm-start set."""
     from distkv_jax.model_runner import CompileStats
 
+    # host_attention off: steps attending host blocks compile on first use
+    # (one program per host work-list bucket), outside the warm-start set
     llm = LLM("tiny", mesh="2x1", block_size=8, kv_blocks=10, host_kv_blocks=8,
-              max_num_batched_tokens=16, max_num_seqs=4, compile_cache_dir=None)
+              host_attention=False, max_num_batched_tokens=16, max_num_seqs=4,
+              compile_cache_dir=None)
     eng = llm.engine
     info = eng.warm_start_info
     assert info["programs"] >= info["step_shapes"] > 0

@@ -369,7 +369,8 @@ def test_prompt_over_the_policy_kv_states_both_numbers(llm):
     """kv_policy local: a request may hold one instance's KV only."""
     import dataclasses
 
-    local = AsyncLLM.from_engine_args(dataclasses.replace(llm.engine_args, kv_policy="local"))
+    local = AsyncLLM.from_engine_args(dataclasses.replace(llm.engine_args, kv_policy="local",
+                                                          host_attention=False))
     s = ServerThread(local, ServerConfig(NAME))
     try:
         e = _error(_post(s.url, {"prompt": [5] * 400}), 400)

@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, str] = {
     "capacity": "distkv_jax.bench.capacity",
     "control_plane": "distkv_jax.bench.control_plane",
     "dtype": "distkv_jax.bench.dtype",
+    "longctx": "distkv_jax.bench.longctx",
     "pool": "distkv_jax.bench.pool",
     "prefix": "distkv_jax.bench.prefix",
     "serving": "distkv_jax.bench.serving",

@@ -33,6 +33,16 @@ against the device's measured streaming-read bandwidth (jnp.sum over 1 GiB),
 and a bfloat16 prefill chunk. Run on a CPU it measures the same with the
 native kernel (the test suite's --quick form does).
 
+A host-attended point (--host_context tokens per sequence, one sequence per
+instance, blocks on their owner): all blocks on device, against the oldest
+half of every sequence's blocks in its instance's host pool (pinned_host,
+attended by the host CPU in place: DistAttention's host path), against
+bringing that half back to device memory every step (the engine's swap-in
+copy, then the all-device step), with the bytes each moves across the
+device-host boundary per step (queries down and partials up, against the KV
+blocks), all three checked equal. On a CPU host and device memory are the
+same RAM, so the times show the cost of the mechanisms, not of a PCIe link.
+
 And a prefill point: MicroAttention alone on one device for one chunk of
 --prefill_chunk new tokens at a context of --prefill_context tokens, with the
 workload benchmark's heads (--prefill_heads query = KV heads of head_dim
@@ -76,6 +86,7 @@ flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"],
 flags.DEFINE_list("gpu_contexts", ["8192", "32768", "131072", "524288"], "contexts (tokens), gpu preset")
 flags.DEFINE_integer("gpu_sequences", 8, "sequences per decode step, gpu preset")
 flags.DEFINE_integer("tp_context", 16384, "tp point: context (tokens) of the 4x1 vs 4x2 comparison")
+flags.DEFINE_integer("host_context", 16384, "host point: context (tokens) per sequence")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/attention.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/attention.png", "plot ('' to skip)")
@@ -162,6 +173,75 @@ def _tp_point(N, bs, Hq, Hkv, D, iters, devices):
         res[tp] = o
     out["tp2_over_tp1"] = out["tp2_ms"] / out["tp1_ms"]
     out["max_abs_diff"] = float(np.abs(res[2] - res[1]).max())
+    return out
+
+
+def _host_point(N, bs, Hq, Hkv, D, iters, I):
+    """Decode step with the oldest half of each sequence's blocks on the host
+    (attended there), against all on device and against swapping that half
+    in every step."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from distkv_jax.kv_copy import KVCopier
+    from distkv_jax.kv_pool import PoolLayout
+
+    s = _setup(I, N, bs, Hq, Hkv, D)
+    lay = s["layout"]
+    NB = lay.blocks_per_instance
+    HB = NB // 2                                    # the oldest half of each sequence
+    host_lay = PoolLayout(1, I, HB, bs, Hkv, D, 1)
+    host_sh = NamedSharding(s["mesh"], host_lay.spec, memory_kind="pinned_host")
+    rng = np.random.default_rng(12)
+    k_np = rng.standard_normal(lay.shape, np.float32)
+    v_np = rng.standard_normal(lay.shape, np.float32)
+    # host block i*HB + j holds what device block i*NB + j holds: the same KV
+    pick = (np.arange(I)[:, None] * NB + np.arange(HB)[None]).reshape(-1)
+    host = [jax.device_put(x[:, pick], host_sh) for x in (k_np, v_np)]
+    tables = s["tables"](False)                     # sequence i: blocks i*NB .. i*NB+NB-1
+    geom_h = type(s["geom"])(I, NB, bs, HB)
+    host_tables = [[I * NB + i * HB + b if b < HB else g for b, g in enumerate(t)]
+                   for i, t in enumerate(tables)]
+    out = {"context": N, "instances": I, "host_blocks_per_sequence": HB,
+           "device_blocks_per_sequence": NB - HB}
+    res = {}
+    for name, tabs, geom in (("all_device", tables, s["geom"]), ("half_host", host_tables, geom_h)):
+        plan = s["build"]([s["SeqQuery"](i, 0, [N - 1], t) for i, t in enumerate(tabs)], geom, 1)
+        meta = s["DistMeta"].from_plan(plan, host if name == "half_host" else None)
+        pools = [jax.device_put(k_np, s["pool_sh"]), jax.device_put(v_np, s["pool_sh"])]
+
+        def run():
+            o, pools[0], pools[1] = s["step"](s["q"], s["k_new"], s["v_new"], pools[0], pools[1], 0,
+                                              meta)
+            return o.block_until_ready()
+
+        res[name] = np.asarray(run())
+        out[f"{name}_ms"] = median_time(run, iters) * 1e3
+        if name == "half_host":
+            out["host_items_per_instance"] = plan.host_items_per_instance().tolist()
+            out["device_items_per_instance"] = plan.items_per_instance().tolist()
+    # swap the host half in every step: copy it into device blocks, then attend
+    copier = KVCopier(s["mesh"])
+    pairs = [(i * HB + b, i * NB + b) for i in range(I) for b in range(HB)]
+    plan = s["build"]([s["SeqQuery"](i, 0, [N - 1], t) for i, t in enumerate(tables)], s["geom"], 1)
+    meta = s["DistMeta"].from_plan(plan)
+    pools = [jax.device_put(k_np, s["pool_sh"]), jax.device_put(v_np, s["pool_sh"])]
+
+    def swap_run():
+        pools[0], pools[1] = copier.swap_in(tuple(host), (pools[0], pools[1]), pairs)
+        o, pools[0], pools[1] = s["step"](s["q"], s["k_new"], s["v_new"], pools[0], pools[1], 0, meta)
+        return o.block_until_ready()
+
+    res["swap_in"] = np.asarray(swap_run())
+    out["swap_in_each_step_ms"] = median_time(swap_run, iters) * 1e3
+    out["half_host_over_all_device"] = out["half_host_ms"] / out["all_device_ms"]
+    out["swap_in_over_half_host"] = out["swap_in_each_step_ms"] / out["half_host_ms"]
+    # bytes across the device-host boundary per layer and step (float32)
+    tiles = plan.tile_rows.shape[0]                 # query tiles the host part receives
+    out["host_path_bytes_per_step"] = I * tiles * (Hq * D + Hq * (D + 1)) * 4
+    out["swap_in_bytes_per_step"] = I * HB * bs * Hkv * D * 2 * 4
+    out["max_abs_diff_half_host_vs_all_device"] = float(np.abs(res["half_host"] - res["all_device"]).max())
+    out["max_abs_diff_swap_in_vs_all_device"] = float(np.abs(res["swap_in"] - res["all_device"]).max())
     return out
 
 
@@ -392,6 +472,9 @@ def main(argv) -> None:
     tp_row = _tp_point(FLAGS.tp_context if not FLAGS.quick else contexts[-1], bs, Hq, Hkv, D,
                        iters, I)
     print(json.dumps(tp_row), flush=True)
+    host_row = _host_point(FLAGS.host_context if not FLAGS.quick else contexts[-1], bs, Hq, Hkv,
+                           D, iters, I)
+    print(json.dumps(host_row), flush=True)
     bw = _bandwidth(bw_ctx, bs, Hq, Hkv, D, iters)
     print(json.dumps(bw), flush=True)
     prefill = _prefill_point(*pre[:2], bs, *pre[2:], iters)
@@ -401,7 +484,7 @@ def main(argv) -> None:
     result = {"bench": "attention", "instances": I, "block_size": bs, "num_heads": Hq,
               "num_kv_heads": Hkv, "head_dim": D, "dtype": "float32", "sequences_per_step": I,
               "attention_impl": resolve_impl("auto"), "rows": rows, "bandwidth": bw,
-              "prefill": prefill, "tp": tp_row,
+              "prefill": prefill, "tp": tp_row, "host": host_row,
               "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)

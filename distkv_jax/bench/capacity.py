@@ -13,7 +13,12 @@ blocks per instance, and each configuration
   distributed@F:    distributed with lend_fraction F (a fixed lending cap:
                     e.g. distributed@0.9, the default before reclaim)
   distributed+host: distributed with --host_kv_blocks host blocks per instance
+                    and host-attended KV (the default): a running request's
+                    full, older blocks may live in host memory and are
+                    attended there by the host CPU
   local+host:       local with the same host tier
+  distributed+swap: the host tier as swap space only (host_attention off):
+                    the host holds preempted requests' KV, not a running one's
 
 a binary search on the prompt length finds the longest prompt whose request
 completes: one request alone on the engine, greedy, ignore_eos, --max_tokens
@@ -25,7 +30,8 @@ serves the whole search: after each generate every block is free again
 (checked), so each probe sees a clean engine.
 
 Then the reclaim scenario, on the largest mesh (lending every free block),
-with and without the host tier: a request of 90% of the mesh's KV borrows
+with host-attended KV, with the host tier as swap space only, and without a
+host tier: a request of 90% of the mesh's KV borrows
 from every other instance; once its prompt is in the KV, one short request
 arrives per other instance. Reported: every request completed, the long
 one's tokens equal to its run alone, blocks reclaimed (moved / by
@@ -34,11 +40,10 @@ preempting the long request), and when the shorts finished.
 Model: the built-in tiny Llama (hidden 64, 2 layers, 2 KV heads x 16 dims),
 float32, random prompt token ids (fixed seed).
 
-The host tier: a running request's KV must be on device (DistAttention
-attends over device blocks only); the host tier holds the KV of *preempted*
-requests. It adds capacity for many requests at once, not for one request,
-so the expected host-tier line equals the line without it. It is measured,
-not assumed.
+The host tier: with host-attended KV (+host) one request may hold every
+device block and every host block of the mesh but one block's worth (its
+last, partial block is written on device); as swap space only (+swap) it
+adds capacity for many requests at once, not for one request.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ flags.DEFINE_integer("block_size", 16, "tokens per KV block")
 flags.DEFINE_integer("max_tokens", 4, "new tokens each probe request must generate")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per instance per step")
 flags.DEFINE_list("configs", ["local", "distributed@0.9", "distributed", "distributed+host",
-                               "local+host"],
+                               "local+host", "distributed+swap"],
                   "configurations to measure")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/capacity.json", "result file")
@@ -110,7 +115,7 @@ def _search(llm, tokens, hi, max_tokens) -> tuple[int, list]:
     return lo, probes
 
 
-def _reclaim_scenario(model, I, B, H, bs, M, tokens) -> dict:
+def _reclaim_scenario(model, I, B, H, bs, M, tokens, host_attention: bool = True) -> dict:
     """A long request borrowing most of the mesh, then one short request per
     other instance, arriving once the long one's prompt is in the KV: every
     request must complete (the creditors reclaim), and the long one's tokens
@@ -120,10 +125,10 @@ def _reclaim_scenario(model, I, B, H, bs, M, tokens) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=M, ignore_eos=True)
     long_n = int(0.9 * I * B * bs) - M
     shorts = [tokens[k * 7:k * 7 + 3 * bs] for k in range(1, I)]
-    out = {"instances": I, "host_kv_blocks": H, "long_prompt": long_n,
-           "short_prompts": [len(p) for p in shorts]}
+    out = {"instances": I, "host_kv_blocks": H, "host_attention": host_attention and H > 0,
+           "long_prompt": long_n, "short_prompts": [len(p) for p in shorts]}
     llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=H,
-              warm_start=False, max_num_seqs=I, max_num_batched_tokens=FLAGS.max_num_batched_tokens)
+              host_attention=host_attention, warm_start=False, max_num_seqs=I, max_num_batched_tokens=FLAGS.max_num_batched_tokens)
     alone = llm.generate([tokens[:long_n]], params)[0].outputs[0].token_ids
     llm.reset_prefix_cache()  # the long request computes its prompt again, as a new one would
     eng = llm.engine
@@ -146,6 +151,8 @@ def _reclaim_scenario(model, I, B, H, bs, M, tokens) -> dict:
         "reclaimed_moved": int(sum(snap["kv_reclaimed_moved"])),
         "reclaimed_preempted": int(sum(snap["kv_reclaimed_preempted"])),
         "preemptions": eng.stats["preemptions"],
+        "offloaded_to_host": int(sum(snap["kv_offloaded_blocks"])),
+        "brought_back": int(sum(snap["kv_brought_back_blocks"])),
         "shorts_done_s_after_arrival": round(max(done[r][1] for r in ids) - (t1 - t0), 3),
         "long_done_s": round(done[long_id][1], 3),
     })
@@ -156,7 +163,7 @@ def main(argv) -> None:
     del argv
     if FLAGS.quick:
         instances, B, H, M, configs = [2], 8, 8, 2, ["local", "distributed@0.5", "distributed",
-                                                     "distributed+host"]
+                                                     "distributed+host", "distributed+swap"]
     else:
         instances = [int(i) for i in FLAGS.instances]
         B, H, M, configs = FLAGS.kv_blocks, FLAGS.host_kv_blocks, FLAGS.max_tokens, list(FLAGS.configs)
@@ -176,10 +183,12 @@ def main(argv) -> None:
         for name in configs:
             policy, _, frac = name.split("+")[0].partition("@")
             lend = float(frac) if frac else 1.0
-            host = H if name.endswith("+host") else 0
+            host = H if name.endswith(("+host", "+swap")) else 0
+            attend = not name.endswith("+swap")
             t0 = time.perf_counter()
             llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=B, host_kv_blocks=host, warm_start=False,
                       kv_policy=policy, lend_fraction=lend, max_num_seqs=4,
+                      host_attention=attend,
                       max_num_batched_tokens=FLAGS.max_num_batched_tokens)
             limit = llm.engine.kv.max_request_tokens(0)
             # Bound: every device and host block of the mesh, plus one block.
@@ -190,6 +199,9 @@ def main(argv) -> None:
                    # tokens whose KV is cached when the last token is sampled
                    "kv_tokens_used": n + M - 1, "kv_tokens_device": I * B * bs,
                    "fraction_of_device_kv": (n + M - 1) / (I * B * bs),
+                   "host_attention": attend and host > 0,
+                   "kv_tokens_device_and_host": I * (B + host) * bs,
+                   "fraction_of_device_and_host_kv": (n + M - 1) / (I * (B + host) * bs),
                    "control_plane_limit_tokens": limit, "probes": probes,
                    "seconds": round(time.perf_counter() - t0, 2),
                    "compiled_programs": llm.engine.compiled_programs(),
@@ -199,8 +211,8 @@ def main(argv) -> None:
             del llm
             jax.clear_caches()
     scenarios = []
-    for host in (H, 0):
-        scenarios.append(_reclaim_scenario(model, max(instances), B, host, bs, M, tokens))
+    for host, attend in ((H, True), (H, False), (0, False)):
+        scenarios.append(_reclaim_scenario(model, max(instances), B, host, bs, M, tokens, attend))
         print(json.dumps(scenarios[-1]), flush=True)
         jax.clear_caches()
     local = {r["instances"]: r["longest_prompt"] for r in rows if r["config"] == "local"}
@@ -225,6 +237,7 @@ def _plot(rows, instances, path):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = {"local": "o-", "distributed": "s-", "distributed+host": "x--", "local+host": "+--",
+              "distributed+swap": "x:",
               "distributed@0.9": "s:"}
     for name in dict.fromkeys(r["config"] for r in rows):
         pts = [(r["instances"], r["longest_request_tokens"]) for r in rows if r["config"] == name]
