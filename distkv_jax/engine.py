@@ -438,6 +438,7 @@ class Engine:
             # back by moving the borrower's data, or by preempting the borrower
             "kv_reclaimed_moved": kv.reclaimed_moved.tolist(),
             "kv_reclaimed_preempted": kv.reclaimed_preempted.tolist(),
+            "kv_reclaimed_offloaded": kv.reclaimed_offloaded.tolist(),
             "kv_host_attended_blocks": kv.host_attended_blocks().tolist(),
             "kv_offloaded_blocks": kv.offloaded.tolist(),
             "kv_brought_back_blocks": kv.brought_back.tolist(),

@@ -141,6 +141,7 @@ class KVCacheManager:
         # preempting the borrower
         self.reclaimed_moved = np.zeros(I, np.int64)
         self.reclaimed_preempted = np.zeros(I, np.int64)
+        self.reclaimed_offloaded = np.zeros(I, np.int64)   # ... or moved to the host tier
         # host-attended KV: blocks offloaded to / brought back from the host
         # tier, by the instance whose host pool holds them
         self.offloaded = np.zeros(I, np.int64)
@@ -534,20 +535,27 @@ class KVCacheManager:
 
     def _offload(self, r: _Allocation, need: int, st: _StepState) -> list[tuple[int, int]]:
         """Copy full private device blocks of running requests to the host
-        tier until ``r``'s home can get ``need`` blocks: ``r``'s own oldest
-        blocks first, then the newest requests' oldest ones. A block counts
+        tier until ``r``'s home can get ``need`` blocks: the blocks of
+        borrowers of ``r``'s home first (reclaim), then ``r``'s own, then the
+        newest requests'; each request's oldest first. A block counts
         when freeing it helps ``r`` (on its home, or on an instance that can
         lend it) and its KV is written (before this step's growth). The
         block stays in its table as a host entry. Returns (device, host)
         copies."""
         cfg = self.config
         bs, bpi = cfg.block_size, cfg.blocks_per_instance
-        order = [r] + [q for q in reversed(self._ordered(RUNNING)) if q is not r]
+        newest = [q for q in reversed(self._ordered(RUNNING)) if q is not r]
+        # borrowers' blocks on r's home first (lent blocks come back: reclaim
+        # to the host tier), newest borrower first; then r's own blocks; then
+        # the other requests', newest first
+        borrowers = [q for q in newest if q.home != r.home and self._blocks_on(q, r.home)]
+        order = [(q, True) for q in borrowers] + [(q, False) for q in [r] + newest]
         pairs: list[tuple[int, int]] = []
-        for q in order:
+        for q, home_only in order:
             written = st.grown.get(q.rid, q.num_tokens) // bs  # its full, written blocks
             ids = self.table.blocks(q.rid)[:written]
-            for j in np.flatnonzero(ids < self._D).tolist():
+            sel = (ids // bpi == r.home) if home_only else (ids < self._D)
+            for j in np.flatnonzero(sel).tolist():
                 if self.gm.available_for(r.home) >= need:
                     return pairs
                 g = int(ids[j])
@@ -566,6 +574,8 @@ class KVCacheManager:
                 self.table.set(q.rid, j, self._D + host[0])
                 pairs.append((g, host[0]))
                 self.offloaded[host[0] // cfg.host_blocks_per_instance] += 1
+                if c == r.home and q.home != r.home:
+                    self.reclaimed_offloaded[r.home] += 1
         return pairs
 
     def _bring_back(self, budget: int) -> list[tuple[int, int]]:

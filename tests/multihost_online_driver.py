@@ -1,6 +1,7 @@
 """One process of the multi-host online test (tests/test_online_engine.py):
-every process builds the same AsyncLLM; process 0 adds requests while the
-job runs and aborts some; it writes the outputs as JSON."""
+every process builds the same AsyncLLM (a pool small enough that older
+blocks go to the host tier: host-attended KV); process 0 adds requests while
+the job runs and aborts some; it writes the outputs as JSON."""
 
 import asyncio
 import json
@@ -36,9 +37,11 @@ def main(num_processes: int, process_id: int, address: str, out_path: str) -> No
         return await asyncio.gather(*[one(k) for k in range(10)])
 
     results = asyncio.run(run())
+    stats = llm.stats() or {}
     llm.shutdown()
     with open(out_path, "w") as f:
-        json.dump({"results": results, "aborted": sorted(aborted)}, f)
+        json.dump({"results": results, "aborted": sorted(aborted),
+                   "offloaded": sum(stats.get("kv_offloaded_blocks", [0]))}, f)
 
 
 if __name__ == "__main__":

@@ -586,9 +586,12 @@ def test_offload_before_preempting_and_bring_back_when_memory_frees():
     mgr.admit("new", 1)
     step = lambda d: (shadow.step(p := mgr.prepare_step(d), {"old": 0, "new": 1}.get), p)[1]  # noqa: E731
     step([("old", 8)])            # 4 blocks: 3 own + 1 borrowed
-    step([("new", 6)])            # 3 blocks: the mesh is full, old's oldest block goes to the host
+    # new needs 3 blocks, the mesh is full: the block old borrowed from new's
+    # home goes to the host tier (reclaim to the host), not preemption
+    step([("new", 6)])
     assert mgr.state("old") == RUNNING and mgr.state("new") == RUNNING
-    assert int(mgr.offloaded.sum()) == 1 and mgr.block_ids("old")[0] >= cfg.num_device_blocks
+    assert int(mgr.offloaded.sum()) == 1 and mgr.block_ids("old")[3] >= cfg.num_device_blocks
+    assert mgr.reclaimed_offloaded.tolist() == [0, 1]
     p = step([("old", 2), ("new", 1)])
     assert not p.preempted       # the host tier made room: nobody preempted
     check_invariants(mgr)

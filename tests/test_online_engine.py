@@ -311,9 +311,12 @@ def test_two_process_online_engine_matches_one_process(tmp_path):
     """Process 0 of a 2-process job takes requests arriving while the job
     runs and aborts two; the other process applies the same adds and aborts
     before each step (jax.distributed's key-value store). Every request that
-    was not aborted ends with the same tokens as on one process."""
+    was not aborted ends with the same tokens as on one process, also with
+    blocks attended on the host."""
     one = _run_driver(tmp_path, 1)
     two = _run_driver(tmp_path, 2)
+    # both ran steps that attend host-held blocks (host-attended KV)
+    assert one["offloaded"] > 0 and two["offloaded"] > 0, (one, two)
     aborted = set(one["aborted"])
     for (k, toks1, reason1), (k2, toks2, reason2) in zip(one["results"], two["results"]):
         assert k == k2

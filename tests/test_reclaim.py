@@ -50,10 +50,12 @@ def test_creditors_reclaim_from_a_long_request(llama, host_kv_blocks, host_atten
         for o in eng.step(only_finished=True):
             outs[o.request_id] = o
     snap = eng.metrics_snapshot()
-    reclaimed = sum(snap["kv_reclaimed_moved"]) + sum(snap["kv_reclaimed_preempted"])
+    reclaimed = sum(snap["kv_reclaimed_moved"]) + sum(snap["kv_reclaimed_preempted"]) \
+        + sum(snap["kv_reclaimed_offloaded"])
     assert reclaimed > 0, snap
     if host_kv_blocks and host_attention:  # the mesh was full: old blocks went to the host
         assert sum(snap["kv_offloaded_blocks"]) > 0 and eng.stats["preemptions"] == 0, snap
+        assert sum(snap["kv_reclaimed_offloaded"]) > 0, snap  # the borrower's blocks went to host
     else:                                  # the mesh was full: preempted
         assert sum(snap["kv_reclaimed_preempted"]) > 0
     for rid, prompt in zip([long_id] + short_ids, [long_prompt] + shorts):

@@ -40,7 +40,10 @@ attended by the host CPU in place: DistAttention's host path), against
 bringing that half back to device memory every step (the engine's swap-in
 copy, then the all-device step), with the bytes each moves across the
 device-host boundary per step (queries down and partials up, against the KV
-blocks), all three checked equal. On a CPU host and device memory are the
+blocks), all three checked equal, and the floor of any swap-in here (one
+memcpy of those bytes). The engine's swap-in copy is far above that floor for
+large batches: it moves the host pool through device memory per 64-block
+batch (kv_copy.py). On a CPU host and device memory are the
 same RAM, so the times show the cost of the mechanisms, not of a PCIe link.
 
 And a prefill point: MicroAttention alone on one device for one chunk of
@@ -87,6 +90,8 @@ flags.DEFINE_list("gpu_contexts", ["8192", "32768", "131072", "524288"], "contex
 flags.DEFINE_integer("gpu_sequences", 8, "sequences per decode step, gpu preset")
 flags.DEFINE_integer("tp_context", 16384, "tp point: context (tokens) of the 4x1 vs 4x2 comparison")
 flags.DEFINE_integer("host_context", 16384, "host point: context (tokens) per sequence")
+flags.DEFINE_list("points", ["mesh", "tp", "host", "bandwidth", "prefill"],
+                  "which measurements to run (cpu preset)")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/attention.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/attention.png", "plot ('' to skip)")
@@ -240,6 +245,12 @@ def _host_point(N, bs, Hq, Hkv, D, iters, I):
     tiles = plan.tile_rows.shape[0]                 # query tiles the host part receives
     out["host_path_bytes_per_step"] = I * tiles * (Hq * D + Hq * (D + 1)) * 4
     out["swap_in_bytes_per_step"] = I * HB * bs * Hkv * D * 2 * 4
+    # the floor of any swap-in here: one memcpy of those bytes (numpy, one thread)
+    src = np.ones(out["swap_in_bytes_per_step"] // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    out["swap_in_memcpy_floor_ms"] = median_time(lambda: np.copyto(dst, src), iters) * 1e3
+    del src, dst
     out["max_abs_diff_half_host_vs_all_device"] = float(np.abs(res["half_host"] - res["all_device"]).max())
     out["max_abs_diff_swap_in_vs_all_device"] = float(np.abs(res["swap_in"] - res["all_device"]).max())
     return out
@@ -447,7 +458,8 @@ def main(argv) -> None:
     import jax
 
     rows = []
-    for N in contexts:
+    points = set(FLAGS.points)
+    for N in contexts if "mesh" in points else []:
         s = _setup(I, N, bs, Hq, Hkv, D)
         t_a, _, items_a, pools = _dist_point(s, N, False, iters)
         del pools
@@ -469,26 +481,31 @@ def main(argv) -> None:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                           if not isinstance(v, (list, dict))}), flush=True)
         del s
-    tp_row = _tp_point(FLAGS.tp_context if not FLAGS.quick else contexts[-1], bs, Hq, Hkv, D,
-                       iters, I)
-    print(json.dumps(tp_row), flush=True)
-    host_row = _host_point(FLAGS.host_context if not FLAGS.quick else contexts[-1], bs, Hq, Hkv,
-                           D, iters, I)
-    print(json.dumps(host_row), flush=True)
-    bw = _bandwidth(bw_ctx, bs, Hq, Hkv, D, iters)
-    print(json.dumps(bw), flush=True)
-    prefill = _prefill_point(*pre[:2], bs, *pre[2:], iters)
-    print(json.dumps(prefill), flush=True)
+    tp_row = host_row = bw = prefill = None
+    if "tp" in points:
+        tp_row = _tp_point(FLAGS.tp_context if not FLAGS.quick else contexts[-1], bs, Hq, Hkv, D,
+                           iters, I)
+        print(json.dumps(tp_row), flush=True)
+    if "host" in points:
+        host_row = _host_point(FLAGS.host_context if not FLAGS.quick else contexts[-1], bs, Hq,
+                               Hkv, D, iters, I)
+        print(json.dumps(host_row), flush=True)
+    if "bandwidth" in points:
+        bw = _bandwidth(bw_ctx, bs, Hq, Hkv, D, iters)
+        print(json.dumps(bw), flush=True)
+    if "prefill" in points:
+        prefill = _prefill_point(*pre[:2], bs, *pre[2:], iters)
+        print(json.dumps(prefill), flush=True)
     from distkv_jax.kernels.micro_attention import resolve_impl
 
     result = {"bench": "attention", "instances": I, "block_size": bs, "num_heads": Hq,
               "num_kv_heads": Hkv, "head_dim": D, "dtype": "float32", "sequences_per_step": I,
               "attention_impl": resolve_impl("auto"), "rows": rows, "bandwidth": bw,
-              "prefill": prefill, "tp": tp_row, "host": host_row,
+              "prefill": prefill, "tp": tp_row, "host": host_row, "cpu": cpu_model(),
               "devices": len(jax.devices()),
               "machine": platform.machine(), "cpus": os.cpu_count(), "quick": FLAGS.quick}
     write_json(FLAGS.output_json, result)
-    if FLAGS.output_png:
+    if FLAGS.output_png and rows:
         _plot(rows, FLAGS.output_png)
 
 

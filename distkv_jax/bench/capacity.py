@@ -56,7 +56,7 @@ import time
 import numpy as np
 from absl import flags
 
-from distkv_jax.bench.common import pyplot, save_figure, write_json
+from distkv_jax.bench.common import long_tiny_model, pyplot, save_figure, write_json
 
 from distkv_jax.mesh import simulate_cpu_devices
 
@@ -150,6 +150,7 @@ def _reclaim_scenario(model, I, B, H, bs, M, tokens, host_attention: bool = True
         "long_equals_alone": done[long_id][0].outputs[0].token_ids == alone,
         "reclaimed_moved": int(sum(snap["kv_reclaimed_moved"])),
         "reclaimed_preempted": int(sum(snap["kv_reclaimed_preempted"])),
+        "reclaimed_offloaded": int(sum(snap["kv_reclaimed_offloaded"])),
         "preemptions": eng.stats["preemptions"],
         "offloaded_to_host": int(sum(snap["kv_offloaded_blocks"])),
         "brought_back": int(sum(snap["kv_brought_back_blocks"])),
@@ -172,11 +173,12 @@ def main(argv) -> None:
     import jax
 
     from distkv_jax import LLM
-    from distkv_jax.models.tiny import tiny_model_dir
 
-    model = tiny_model_dir()
     rng = np.random.default_rng(0)
     longest = max(instances) * (B + H) * bs + bs
+    # the tiny model with a position limit past the search bound (the KV, not
+    # the model, must be what stops a request)
+    model = long_tiny_model(max(4096, longest + M + bs))
     tokens = rng.integers(3, 512, size=longest).tolist()
     rows = []
     for I in instances:

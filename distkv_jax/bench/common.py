@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -121,3 +122,24 @@ def take_turns(runs, slice_steps: int) -> None:
             turn += 1
     finally:
         gc.unfreeze()
+
+
+def long_tiny_model(max_len: int) -> str:
+    """The tiny model with max_position_embeddings >= max_len (same weights)."""
+    from distkv_jax.models.tiny import tiny_model_dir
+
+    src = tiny_model_dir()
+    dst = f"{src}-pos{max_len}"
+    if not os.path.exists(os.path.join(dst, "config.json")):
+        tmp = f"{dst}.tmp-{os.getpid()}"
+        shutil.copytree(src, tmp)
+        with open(os.path.join(tmp, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["max_position_embeddings"] = max_len
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst

@@ -14,7 +14,8 @@ place), with a margin of host blocks.
 Reported: prefill time (submission to the first token, compilation
 included, as a user meets it), decode step time (median of the steps after
 the first token), the control plane's planning time per step (the
-scheduler and KV manager's `schedule`, host Python; median and max), the
+scheduler and KV manager's `schedule`, host Python; median and max, and
+medians over prefill and over decode steps), the
 request's blocks on the host at the end, blocks offloaded, programs compiled,
 and that the request completed with all its tokens.
 """
@@ -24,14 +25,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
 import time
 
 import numpy as np
 from absl import flags
 
-from distkv_jax.bench.common import cpu_model, write_json
+from distkv_jax.bench.common import cpu_model, long_tiny_model, write_json
 from distkv_jax.mesh import simulate_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -43,27 +43,6 @@ flags.DEFINE_float("device_share", 0.5, "share of the request's KV the devices c
 flags.DEFINE_integer("max_num_batched_tokens", 2048, "tokens per step per instance")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/longctx.json", "result file")
-
-
-def _long_tiny_model(max_len: int) -> str:
-    """The tiny model with max_position_embeddings >= max_len (same weights)."""
-    from distkv_jax.models.tiny import tiny_model_dir
-
-    src = tiny_model_dir()
-    dst = f"{src}-pos{max_len}"
-    if not os.path.exists(os.path.join(dst, "config.json")):
-        tmp = f"{dst}.tmp-{os.getpid()}"
-        shutil.copytree(src, tmp)
-        with open(os.path.join(tmp, "config.json")) as f:
-            cfg = json.load(f)
-        cfg["max_position_embeddings"] = max_len
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        try:
-            os.rename(tmp, dst)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 def main(argv) -> None:
@@ -81,7 +60,7 @@ def main(argv) -> None:
     total_blocks = -(-(n + M) // bs)
     kv_blocks = -(-int(FLAGS.device_share * total_blocks) // I)
     host_blocks = -(-(total_blocks - I * kv_blocks) // I) + 8
-    model = _long_tiny_model(max(4096, n + M + bs))
+    model = long_tiny_model(max(4096, n + M + bs))
     t0 = time.perf_counter()
     llm = LLM(model, mesh=f"{I}x1", block_size=bs, kv_blocks=kv_blocks, host_kv_blocks=host_blocks,
               max_num_batched_tokens=chunk, max_num_seqs=1, warm_start=False,
@@ -140,6 +119,11 @@ def main(argv) -> None:
         "decode_step_ms_first_to_last": [round(float(x) * 1e3, 2) for x in steps],
         "planning_ms_median": round(statistics.median(plan_s) * 1e3, 3),
         "planning_ms_max": round(max(plan_s) * 1e3, 3),
+        # prefill steps plan chunks of the prompt (work lists of tiles x blocks);
+        # decode steps one row each
+        "planning_ms_prefill_median": round(statistics.median(plan_s[:prefill_steps]) * 1e3, 3),
+        "planning_ms_decode_median": round(statistics.median(plan_s[-(M - 1):]) * 1e3, 3)
+        if M > 1 else None,
         "most_blocks_on_host": most_on_host,
         "most_tokens_on_host_share": round(most_on_host * bs / (n + M), 3),
         "offloaded_blocks": int(sum(snap["kv_offloaded_blocks"])),

@@ -109,9 +109,11 @@ class _EngineCollector:
         reclaimed = CounterMetricFamily(
             P + "kv_reclaimed_blocks", "Lent KV blocks taken back by their instance (the "
             "creditor) for its own requests; how=moved: the borrower's data moved elsewhere, "
-            "preempted: the borrower was preempted.", labels=["model_name", "instance", "how"])
+            "offloaded: moved to the host tier (host-attended), preempted: the borrower was "
+            "preempted.", labels=["model_name", "instance", "how"])
         for i, n in enumerate(s["kv_reclaimed_moved"]):
             reclaimed.add_metric(m + [str(i), "moved"], n)
+            reclaimed.add_metric(m + [str(i), "offloaded"], s["kv_reclaimed_offloaded"][i])
             reclaimed.add_metric(m + [str(i), "preempted"], s["kv_reclaimed_preempted"][i])
         yield reclaimed
         attended = GaugeMetricFamily(
