@@ -196,6 +196,9 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
         rows = s.instance * T + s.row + np.arange(count)
         positions[rows] = pos
         slots[rows] = table[pos // bs] * bs + pos % bs
+        # int32 items (half the bytes of int64): long prefill chunks make millions
+        table32 = table[:needed].astype(np.int32)
+        kstart32 = np.arange(needed, dtype=np.int32) * bs
         for t0 in range(0, count, q_tile):
             tile_rows = np.full(q_tile, -1, np.int32)
             chunk = rows[t0:t0 + q_tile]
@@ -203,8 +206,8 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
             tile = len(tiles)
             tiles.append(tile_rows)
             blocks = int(pos[min(t0 + q_tile, count) - 1]) // bs + 1  # causal: up to the last query
-            item_parts.append((np.full(blocks, tile, np.int64), table[:blocks],
-                               np.arange(blocks, dtype=np.int64) * bs))
+            item_parts.append((np.full(blocks, tile, np.int32), table32[:blocks],
+                               kstart32[:blocks]))
 
     n_tiles = bucket(len(tiles), min_tiles)
     tile_rows = np.full((n_tiles, q_tile), -1, np.int32)
@@ -214,15 +217,16 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
     if item_parts:
         it, gb, ks = (np.concatenate(c) for c in zip(*item_parts))
     else:
-        it = gb = ks = np.zeros(0, np.int64)
+        it = gb = ks = np.zeros(0, np.int32)
     overhead = RUN_OVERHEAD_DECODE if q_tile == 1 else RUN_OVERHEAD_PREFILL
     on_host = gb >= I * NB
+    any_host = bool(on_host.any())
     dev = ~on_host
+    d_it, d_gb, d_ks = (it[dev], gb[dev], ks[dev]) if any_host else (it, gb, ks)
     item_tile, item_block, item_kstart = _work_list(
-        it[dev], gb[dev] // NB, gb[dev] % NB, ks[dev], I, n_tiles, run, run_choices, overhead,
-        min_runs)
+        d_it, d_gb // NB, d_gb % NB, d_ks, I, n_tiles, run, run_choices, overhead, min_runs)
     host = (None, None, None)
-    if on_host.any():
+    if any_host:
         hb = gb[on_host] - I * NB
         host = _work_list(it[on_host], hb // HB, hb % HB, ks[on_host], I, n_tiles, HOST_RUN,
                           run_choices, overhead, min_runs)
@@ -234,8 +238,10 @@ def _work_list(it, inst, local, ks, I: int, n_tiles: int, run: int | None, run_c
     """Per-instance padded work lists [I, R, run] (tile, local block, key
     start) of items (tile it[k] x block local[k] of instance inst[k])."""
     # Group by instance, keeping build order: each tile's items stay contiguous.
-    order = np.argsort(inst, kind="stable")
-    it, local, ks, inst = it[order], local[order], ks[order], inst[order]
+    # (16-bit keys: numpy's stable sort is then a radix sort, O(n).)
+    if len(inst) > 1 and np.any(inst[1:] < inst[:-1]):
+        order = np.argsort(inst.astype(np.int16), kind="stable")
+        it, local, ks, inst = it[order], local[order], ks[order], inst[order]
     # Segments of equal (instance, tile): their lengths decide the run length.
     new_seg = np.ones(len(it), bool)
     new_seg[1:] = (it[1:] != it[:-1]) | (inst[1:] != inst[:-1])
@@ -259,9 +265,10 @@ def _work_list(it, inst, local, ks, I: int, n_tiles: int, run: int | None, run_c
     # padding inside a run keeps the run's tile, with a masked key start
     rep = np.repeat(np.arange(len(seg_len)), seg_padded)
     within = np.arange(len(rep)) - np.repeat(np.cumsum(seg_padded) - seg_padded, seg_padded)
-    item_tile[seg_inst[rep], seg_offset[rep] + within] = it[seg_start[rep]]
-    slot = seg_offset[seg_id] + (np.arange(len(it)) - seg_start[seg_id])
-    item_block[inst, slot] = local
-    item_kstart[inst, slot] = ks
+    # flat indices: one 1-D scatter each (a 2-D fancy index costs ~2x)
+    item_tile.reshape(-1)[seg_inst[rep] * W + seg_offset[rep] + within] = it[seg_start[rep]]
+    flat = inst * W + seg_offset[seg_id] + (np.arange(len(it)) - seg_start[seg_id])
+    item_block.reshape(-1)[flat] = local
+    item_kstart.reshape(-1)[flat] = ks
     shape = (I, R, run)
     return item_tile.reshape(shape), item_block.reshape(shape), item_kstart.reshape(shape)
