@@ -38,3 +38,25 @@ def test_bench_throughput_quick(tmp_path):
     assert all(row["first_call_compiled_programs"] == 0 for row in result["rows"]), result["rows"]
     assert second["programs"] == first["programs"] and second["compiled"] == 0
     assert second["from_cache"] == first["programs"]
+
+
+def test_bench_throughput_side_by_side_quick(tmp_path):
+    """The side-by-side mode (--models; --peer vllm adds vLLM, not run here):
+    ours in float32 and bfloat16 and transformers take turns on the same
+    prompts; float32 tokens equal; decode figures against the bandwidth
+    floor; versions and CPU model recorded."""
+    out = tmp_path / "side.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distkv_jax.bench", "throughput", "--quick", "--models=quick",
+         "--repeats=2", f"--output_json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "side_by_side" and result["cpu"] and result["versions"]["jax"]
+    assert [r["workload"] for r in result["rows"]] == ["decode", "prefill"]
+    for row in result["rows"]:
+        for side in ("ours_float32", "ours_bfloat16", "transformers_float32"):
+            assert row[f"{side}_tok_per_s"] > 0, row
+        assert row["float32_tokens_equal"] is True
+        assert row["ours_best_over_transformers_best"] > 0
+    assert 0 < result["rows"][0]["ours_float32_fraction_of_floor"]

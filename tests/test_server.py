@@ -516,6 +516,12 @@ def test_64_concurrent_streams_of_mixed_lengths_equal_their_solo_runs(server):
     m = httpx.get(server.url + "/metrics").text
     assert metric(m, "distkv:max_request_instances") == 0  # all done: nothing held
     assert metric(m, "distkv:num_requests_running") == 0
+    # host-attended KV's counters are exported per instance (nothing held now)
+    for i in (0, 1):
+        assert metric(m, "distkv:kv_host_attended_blocks", instance=i) == 0
+        for d in ("offloaded", "brought_back"):
+            assert metric(m, "distkv:kv_host_offloaded_blocks_total", instance=i, direction=d) >= 0
+        assert metric(m, "distkv:kv_reclaimed_blocks_total", instance=i, how="offloaded") >= 0
 
 
 # ----------------------------------------------- a real process, two processes

