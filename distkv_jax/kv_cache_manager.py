@@ -474,10 +474,12 @@ class KVCacheManager:
 
         When the home instance is short of free blocks but has lent some, the
         borrowers' blocks are moved away first (reclaim, within the step's
-        move budget). When the blocks cannot be found, the newest running
-        requests that are newer than this one and whose blocks would help are
-        preempted, newest first; then borrowers of the home's blocks (any
-        age, newest first); if none is left, this request itself is preempted.
+        move budget). When the blocks cannot be found: under host attention,
+        full blocks go to the host tier (``_offload``); then the newest
+        running requests that are newer than this one and whose blocks would
+        help are preempted, newest first; then borrowers of the home's blocks
+        (any age, newest first); if none is left, this request itself is
+        preempted.
         """
         r = self._reqs[rid]
         if r.state != RUNNING:
