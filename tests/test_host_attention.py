@@ -70,3 +70,44 @@ def test_host_attention_off_preempts_instead(llama):
     llm2 = LLM(path, warm_start=False, mesh="1x1", block_size=BS, kv_blocks=12,
                host_kv_blocks=48, max_num_batched_tokens=32)
     assert llm2.engine.kv.max_request_tokens() == (12 + 48) * BS
+
+
+def test_abort_frees_host_attended_blocks(llama):
+    """Aborting a request whose older blocks are attended on the host gives
+    back every block it held: device, borrowed and host; the other request
+    completes unchanged."""
+    from prefix_cache_model import check_shared_invariants
+
+    path, model = llama
+    rng = np.random.default_rng(9)
+    long_prompt = rng.integers(3, 256, size=200).tolist()
+    other = rng.integers(3, 256, size=30).tolist()
+    llm = LLM(path, warm_start=False, mesh="2x4", block_size=BS, kv_blocks=6, host_kv_blocks=24,
+              max_num_batched_tokens=32)
+    eng = llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
+    eng.add_request(long_prompt, greedy, request_id="long")
+    eng.add_request(other, greedy, request_id="other")
+    outs = {}
+    for _ in range(200):
+        if "long" in eng.kv.requests() and eng.kv.state("long") == "running" and \
+                (eng.kv.block_ids("long") >= eng.kv.config.num_device_blocks).sum() >= 8:
+            break
+        for o in eng.step(only_finished=True):
+            outs[o.request_id] = o
+    else:
+        pytest.fail("the long request never had 8 host-attended blocks")
+    assert eng.abort("long")
+    assert "long" not in eng.kv.requests()
+    check_shared_invariants(eng.kv, set())
+    while eng.has_unfinished():
+        for o in eng.step(only_finished=True):
+            outs[o.request_id] = o
+    assert outs["long"].outputs[0].finish_reason == "abort"
+    comp = outs["other"].outputs[0]
+    toks, lps = hf_greedy_logprobs(model, other, 6)
+    assert comp.token_ids == toks
+    np.testing.assert_allclose([comp.logprobs[i][t].logprob for i, t in enumerate(toks)], lps,
+                               atol=1e-4, rtol=0)
+    assert (eng.kv.free_host_blocks() == 24).all() and (eng.kv.free_device_blocks() == 6).all()
+    assert eng.kv.ledger().sum() == 0
