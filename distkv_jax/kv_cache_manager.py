@@ -26,14 +26,15 @@ back. A preempted borrower is swapped in again only when it fits and leaves
 every instance a block of headroom per running request homed there.
 
 Host-attended KV (``host_attention``): when a growing request finds no
-device block anywhere, the oldest full private blocks of running requests
-(its own first, then the newest requests') are copied to the host tier and
-stay in their tables as host entries (``num_device_blocks + h``): DistAttention
-attends them on the host. Only then is anyone preempted. Host blocks come
-back to their request's home (newest first, within the migration budget) in
-steps that offloaded and preempted nothing, while the home keeps a free
-block per running request homed there. A swapped request comes back with
-its last (partial) block on device and as many of its other blocks as fit.
+device block anywhere, full private blocks of running requests are copied
+to the host tier (borrowers' blocks on its home first: reclaim to the host;
+then its own oldest; then the newest requests' oldest) and stay in their
+tables as host entries (``num_device_blocks + h``): DistAttention attends
+them on the host. Only then is anyone preempted. Host blocks come back
+(newest first, within the migration budget) in steps that offloaded and
+preempted nothing, while every instance keeps a free block per running
+request homed there. A swapped request comes back with its last (partial)
+block on device and as many of its other blocks as fit.
 
 Prefix cache and forks (blocks shared by several readers):
 
