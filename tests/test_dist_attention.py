@@ -209,3 +209,31 @@ def test_plan_work_is_proportional_to_blocks():
         build_attention_plan([SeqQuery(0, 0, [999], [0])], geom, 4)
     with pytest.raises(ValueError, match="exceed 4 rows"):
         build_attention_plan([SeqQuery(0, 2, [1, 2, 3], [0])], geom, 4)
+
+
+def test_host_pool_stays_in_host_memory():
+    """The step reads the host pools where they are. Lowered for CUDA (where
+    host and device memory differ; on a CPU both are the same RAM and XLA
+    elides any move), the host pools enter as pinned_host arrays, nothing
+    places them in device memory, and the MicroAttention that reads them is
+    a host computation."""
+    mesh, layout, fn = _setup("2x4", 4, 2, 8)
+    I, bs = layout.num_instances, 8
+    geom = PoolGeometry(I, BLOCKS, bs, HOST_BLOCKS)
+    table = [I * BLOCKS + 0, I * BLOCKS + 1, 2]  # two host blocks, the written one on device
+    plan = build_attention_plan([SeqQuery(0, 0, [17], table)], geom, ROWS)
+    host_sh = NamedSharding(mesh, layout.spec, memory_kind="pinned_host")
+    host_shape = (LAYERS, I * HOST_BLOCKS) + layout.shape[2:]
+    host = tuple(jax.device_put(np.zeros(host_shape, np.float32), host_sh) for _ in range(2))
+    pool_sh = NamedSharding(mesh, layout.spec)
+    row_sh = NamedSharding(mesh, P("inst"))
+    q = jax.device_put(np.zeros((I, ROWS, 4, HEAD_DIM), np.float32), row_sh)
+    kv = jax.device_put(np.zeros((I, ROWS, 2, HEAD_DIM), np.float32), row_sh)
+    pools = [jax.device_put(np.zeros(layout.shape, np.float32), pool_sh) for _ in range(2)]
+    text = fn.trace(q, kv, kv, *pools, 1, DistMeta.from_plan(plan, host)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    main = next(line for line in text.splitlines() if "func.func public @main" in line)
+    assert main.count('mhlo.memory_kind = "pinned_host"') >= 2, main  # both host pools
+    assert "annotate_device_placement" not in text  # nothing moves them to device memory
+    calls = [line for line in text.splitlines() if "distkv_micro_attention" in line]
+    assert calls and all('_xla_compute_type = "host"' in line for line in calls), calls
