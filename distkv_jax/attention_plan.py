@@ -76,10 +76,6 @@ class PoolGeometry:
     block_size: int
     host_blocks_per_instance: int = 0
 
-    @property
-    def num_device_blocks(self) -> int:
-        return self.num_instances * self.blocks_per_instance
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AttentionPlan:

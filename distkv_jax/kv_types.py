@@ -124,10 +124,6 @@ class KVCacheConfig:
         host = self.host_blocks_per_instance if self.kv_policy == "local" else self.num_host_blocks
         return device + host
 
-    def is_host(self, block: int) -> bool:
-        """A block-table entry naming a host block (host-attended KV)."""
-        return block >= self.num_device_blocks
-
     def owner(self, device_block: int) -> int:
         return device_block // self.blocks_per_instance
 
