@@ -100,6 +100,10 @@ class Engine:
     def attention_impl(self) -> str:
         return self.runner.attention_impl
 
+    @property
+    def dense_impl(self) -> str:
+        return self.runner.dense_impl
+
     def compiled_programs(self) -> int:
         """XLA programs compiled so far: step shapes plus KV copy batches."""
         return self.runner.compiled_programs()

@@ -23,6 +23,7 @@ from .mesh import MeshShape
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "native", "reference", "pallas")
+DENSE_IMPLS = ("auto", "xla", "native", "reference")  # kernels/dense.py IMPLS
 CACHE_ENV = "DISTKV_CACHE"
 
 
@@ -65,6 +66,9 @@ class EngineArgs:
     attention_impl: str = _field("auto", "MicroAttention implementation (auto: the native C++ "
                                  "kernel on CPU where it builds, else the jnp reference)",
                                  ATTENTION_IMPLS)
+    dense_impl: str = _field("auto", "dense layers (auto: for bfloat16 on CPU with tp=1 the "
+                             "native kernel over packed weights where it builds, else XLA's dot)",
+                             DENSE_IMPLS)
     scan_layers: bool = _field(False, "run the layers with lax.scan over stacked weights "
                                "(compiles faster; steps are slower on CPU)")
     overlap_steps: bool = _field(True, "plan step n+1 while step n runs on the device")

@@ -31,14 +31,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .attention_plan import MASKED, bucket, coarse_bucket
 from .dist_attention import DistMeta
 from .engine_args import EngineArgs
+from .kernels.dense import PACKED_IMPLS, pack as pack_dense, resolve_impl as resolve_dense_impl
 from .kernels.micro_attention import resolve_impl
 from .kv_copy import KVCopier, bucket_size
 from .kv_pool import PagedKVCache, PoolLayout, create_kv_pool, storage_dtype
 from .kv_types import StepKVPlan
 from .memory_budget import RUNTIME_RESERVE, TEMP_FACTOR, StepLimits, kv_blocks_for_memory, step_temp_bytes
-from .mesh import INST
+from .mesh import INST, TP
 from .models.config import ModelConfig
-from .models.llama import unstack_layers
+from .models.llama import pack_dense_kernels, unstack_layers
 from .models.loader import resolve_dtype
 from .paged_model import paged_forward_fn, pool_layout
 from .penalties import request_row
@@ -165,8 +166,13 @@ class ModelRunner:
         self.prefill_q_tile = PREFILL_Q_TILE.get(self.attention_impl, DEFAULT_PREFILL_Q_TILE)
         if not args.scan_layers:  # the stacked arrays are dropped: no second copy
             params = unstack_layers(params, cfg.num_layers)
-        self.params = params
         self.dtype = resolve_dtype(args.dtype)
+        # dense layers: XLA's dot, or a kernel over weights packed here once
+        self.dense_impl = resolve_dense_impl(args.dense_impl, self.platform, self.dtype,
+                                             mesh.shape[TP])
+        if self.dense_impl in PACKED_IMPLS:  # the unpacked kernels are dropped
+            params = pack_dense_kernels(params, jax.jit(pack_dense))
+        self.params = params
         nb = args.kv_blocks
         if nb is None:
             nb = kv_blocks_from_memory(pool_layout(cfg, mesh, 1, args.block_size), self.dtype,
@@ -188,7 +194,7 @@ class ModelRunner:
         # move batches warm start compiles (fork copies are cut to this size)
         self._fork_batch = bucket_size(max(args.kv_cache_config(1).migrate_blocks_per_step,
                                            self.layout.num_instances))
-        self._step = self._make_step(self.attention_impl)
+        self._step = self._make_step(self.attention_impl, self.dense_impl)
         self._steps_for: dict[str, object] = {}  # other platforms' steps (lowering only)
         self.shapes_run: set[StepShape] = set()  # shapes of the steps dispatched so far
         # The step's tokens are always a device array sharded like its rows
@@ -200,9 +206,9 @@ class ModelRunner:
             out_shardings=self._rows)
 
     # ------------------------------------------------------------ device step
-    def _make_step(self, attention_impl: str):
+    def _make_step(self, attention_impl: str, dense_impl: str):
         forward = paged_forward_fn(self.cfg, self.mesh, self.layout, self.dtype, attention_impl,
-                                   scan_layers=self.args.scan_layers)
+                                   scan_layers=self.args.scan_layers, dense_impl=dense_impl)
         base_seed, num_top = self.args.seed, self.args.max_logprobs
         # sampled tokens leave the step padded to one length, so the next
         # step's token hand-over is one program per row count, not one per
@@ -434,7 +440,9 @@ class ModelRunner:
         if platform not in self._steps_for:
             impl = resolve_impl(self.args.attention_impl, platform, self.cfg.head_dim,
                                 self.args.block_size)
-            self._steps_for[platform] = self._make_step(impl)
+            # weights packed here are read by the jnp reference there
+            dense_impl = "reference" if self.dense_impl in PACKED_IMPLS else "xla"
+            self._steps_for[platform] = self._make_step(impl, dense_impl)
         traced = self._steps_for[platform].trace(*self._padding_step_args(s))
         return traced.lower(lowering_platforms=(platform,))
 

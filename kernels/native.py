@@ -1,6 +1,7 @@
-"""The native CPU MicroAttention (micro_attention_cpu.cc): build, register, call.
+"""The native CPU kernels: build, register, call. MicroAttention
+(micro_attention_cpu.cc) and the bfloat16 dense layer (dense_cpu.cc).
 
-The C++ source is compiled once per machine with the host's C++ compiler into
+The C++ sources are compiled into one library once per machine with the host's C++ compiler into
 a cache directory ($DISTKV_CACHE, else ~/.cache/distkv_jax, as for the tiny
 model; a temporary directory if that is not writable), keyed by the source,
 the flags, the jaxlib version and the CPU architecture; concurrent
@@ -26,12 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro_attention_cpu.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = tuple(os.path.join(_HERE, name) for name in ("micro_attention_cpu.cc", "dense_cpu.cc"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC", "-pthread")
+# $DISTKV_NATIVE_PORTABLE=1: the dense kernel's portable loop even where the
+# CPU has AVX512_BF16 (its tests run it so)
+PORTABLE_ENV = "DISTKV_NATIVE_PORTABLE"
+
+
+def _flags() -> tuple[str, ...]:
+    return _FLAGS + (("-DDISTKV_PORTABLE",) if os.environ.get(PORTABLE_ENV) == "1" else ())
 _TARGETS = {jnp.dtype(jnp.float32): ("distkv_micro_attention_f32", "DistkvMicroAttentionF32"),
             jnp.dtype(jnp.bfloat16): ("distkv_micro_attention_bf16", "DistkvMicroAttentionBF16"),
             # bfloat16 bits stored as uint16 (kv_pool.storage_dtype): the same kernel
             jnp.dtype(jnp.uint16): ("distkv_micro_attention_bf16bits", "DistkvMicroAttentionBF16Bits")}
+DENSE_TARGET = "distkv_dense_bf16"  # kernels/dense.py calls it
+_DENSE = (DENSE_TARGET, "DistkvDenseBF16")
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "error", once tried
@@ -57,9 +68,12 @@ def _build() -> str:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), cxx.encode(),
+    sources = []
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            sources.append(f.read())
+    flags = _flags()
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(flags).encode(), cxx.encode(),
                                      jaxlib.__version__.encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     out_dir = _cache_dir()
@@ -68,7 +82,7 @@ def _build() -> str:
     except OSError:  # e.g. a read-only home directory
         out_dir = os.path.join(tempfile.gettempdir(), f"distkv_jax-native-{os.getuid()}")
         os.makedirs(out_dir, exist_ok=True)
-    lib = os.path.join(out_dir, f"micro_attention_{key}.so")
+    lib = os.path.join(out_dir, f"distkv_native_{key}.so")
     if os.path.exists(lib):
         return lib
     with open(os.path.join(out_dir, ".lock"), "w") as lock:
@@ -77,11 +91,12 @@ def _build() -> str:
             return lib
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+        cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), *_SOURCES, "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
-            raise RuntimeError(f"building {os.path.basename(_SOURCE)} failed:\n{proc.stderr[-2000:]}")
+            names = ", ".join(os.path.basename(p) for p in _SOURCES)
+            raise RuntimeError(f"building {names} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, lib)
     return lib
 
@@ -92,7 +107,7 @@ def _load() -> None:
             return
         try:
             lib = ctypes.cdll.LoadLibrary(_build())
-            for target, symbol in _TARGETS.values():
+            for target, symbol in (*_TARGETS.values(), _DENSE):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                             platform="cpu")
             _state["lib"] = lib
@@ -100,14 +115,19 @@ def _load() -> None:
             _state["error"] = f"{type(e).__name__}: {e}"
 
 
+def dense_vectorized() -> bool:
+    """Whether the dense kernel was built with its AVX512_BF16 path."""
+    return available() and bool(_state["lib"].DistkvDenseVectorized())
+
+
 def available() -> bool:
-    """Whether the native kernel is built and registered (builds it on first call)."""
+    """Whether the native kernels are built and registered (builds them on first call)."""
     _load()
     return "lib" in _state
 
 
 def error() -> str | None:
-    """Why the native kernel is unavailable (None if it is available)."""
+    """Why the native kernels are unavailable (None if they are available)."""
     _load()
     return _state.get("error")
 
@@ -131,3 +151,4 @@ def micro_attention_native(q, q_pos, k_pages, v_pages, item_tile, item_block, it
     return jax.ffi.ffi_call(_TARGETS[dtype][0], out)(
         q.astype(jnp.float32), jnp.asarray(q_pos, jnp.int32), k_pages, v_pages, i32(item_tile),
         i32(item_block), i32(item_kstart), offset, scale=np.float32(scale))
+

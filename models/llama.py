@@ -10,7 +10,7 @@ computes q, k, v and hands them with the layer's cache slice to that function.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -59,17 +59,52 @@ def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     return out.astype(jnp.result_type(lhs, rhs))
 
 
-def _dense(features: int, bias: bool, dtype, name: str) -> nn.Dense:
-    if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
-        return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name,
-                    dot_general=_accumulate_f32)
+# x [..., K], packed kernel, N -> [..., N]: a dense layer over weights packed
+# by `pack_dense_kernels` (kernels/dense.py), given by the engine.
+PackedDenseFn = Callable[[jax.Array, jax.Array, int], jax.Array]
+
+
+class Dense(nn.Module):
+    """nn.Dense's layer (params "kernel" [K, N], "bias" [N], the same
+    initializers), whose kernel may instead come packed, in the variable
+    collection "packed", for `packed_dense` (the native bfloat16 CPU kernel).
+    In bfloat16 the product accumulates in float32 either way."""
+
+    features: int
+    use_bias: bool
+    dtype: Any = jnp.float32
+    packed_dense: PackedDenseFn | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        if self.has_variable("packed", "kernel"):
+            if self.packed_dense is None:
+                raise ValueError(f"{self.name}: the kernel is packed, but the model was built "
+                                 "without a packed_dense function")
+            y = self.packed_dense(x, self.get_variable("packed", "kernel"), self.features)
+        else:
+            kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                                (x.shape[-1], self.features), self.dtype)
+            dims = (((x.ndim - 1,), (0,)), ((), ()))
+            if jnp.dtype(self.dtype) == jnp.dtype(jnp.float32):
+                y = jax.lax.dot_general(x, kernel.astype(self.dtype), dims)
+            else:
+                y = _accumulate_f32(x, kernel.astype(self.dtype), dims)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
     attention_fn: AttentionFn
     dtype: Any = jnp.float32
+    packed_dense: PackedDenseFn | None = None
+
+    def _dense(self, features: int, bias: bool, name: str) -> Dense:
+        return Dense(features, bias, self.dtype, self.packed_dense, name=name)
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, meta):
@@ -77,21 +112,21 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         batch, seq, _ = h.shape
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(h)
-        q = _dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "q_proj")(x)
-        k = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "k_proj")(x)
-        v = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "v_proj")(x)
+        q = self._dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
+        k = self._dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
+        v = self._dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x)
         q = apply_rotary(q.reshape(batch, seq, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rotary(k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
 
         attn, cache = self.attention_fn(q, k, v, LayerCache(cache, layer), meta)
         attn = attn.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
-        h = h + _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(attn)
+        h = h + self._dense(cfg.hidden_size, cfg.o_bias, "o_proj")(attn)
 
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_norm")(h)
-        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(x)
-        up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(x)
-        h = h + _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
+        gate = self._dense(cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+        up = self._dense(cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+        h = h + self._dense(cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
         return (h, cache), None
 
 
@@ -112,6 +147,8 @@ class LlamaForCausalLM(nn.Module):
     # weights are their own arrays, so no per-step copy of a weight slice out
     # of the stack (XLA:CPU copies it; about a quarter of a decode step).
     scan_layers: bool = True
+    # set when dense kernels come packed (`pack_dense_kernels`)
+    packed_dense: PackedDenseFn | None = None
 
     @nn.compact
     def __call__(self, tokens, positions, cache, meta, logits_index=None):
@@ -125,16 +162,17 @@ class LlamaForCausalLM(nn.Module):
         if self.scan_layers:
             layers = nn.scan(
                 DecoderLayer,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "packed": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
-            )(cfg, self.attention_fn, self.dtype, name="layers")
+            )(cfg, self.attention_fn, self.dtype, self.packed_dense, name="layers")
             (h, cache), _ = layers((h, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32),
                                    cos, sin, meta)
         else:
             for i in range(cfg.num_layers):
-                layer = DecoderLayer(cfg, self.attention_fn, self.dtype, name=f"layers_{i}")
+                layer = DecoderLayer(cfg, self.attention_fn, self.dtype, self.packed_dense,
+                                     name=f"layers_{i}")
                 (h, cache), _ = layer((h, cache), i, cos, sin, meta)
 
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(h)
@@ -143,7 +181,8 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)
         else:
-            logits = _dense(cfg.vocab_size, False, self.dtype, "lm_head")(h)
+            logits = Dense(cfg.vocab_size, False, self.dtype, self.packed_dense,
+                           name="lm_head")(h)
         return logits, cache
 
 
@@ -155,3 +194,26 @@ def unstack_layers(params, num_layers: int):
     for i in range(num_layers):
         inner[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return {**params, "params": inner}
+
+
+def pack_dense_kernels(variables, pack):
+    """Every dense layer's "kernel" [K, N] (stacked: [L, K, N]) moved from
+    "params" to the "packed" collection at the same path, as pack(kernel)
+    (kernels/dense.py's layout; applied per layer to stacked kernels)."""
+    def split(tree):
+        params, packed = {}, {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                p, k = split(value)
+                if p:
+                    params[name] = p
+                if k:
+                    packed[name] = k
+            elif name == "kernel":
+                packed[name] = pack(value) if value.ndim == 2 else jax.vmap(pack)(value)
+            else:
+                params[name] = value
+        return params, packed
+
+    params, packed = split(dict(variables["params"]))
+    return {**variables, "params": params, "packed": packed}

@@ -284,12 +284,23 @@ def test_sliding_window_models_stop_at_the_window(tmp_path):
     assert outs[1].outputs[0].finish_reason == "error" and "sliding window" in outs[1].error
 
 
-def test_bfloat16_engine_runs_on_a_mesh(llama, prompts, reference):
-    """bfloat16 params, pools and compute on 2x4: the greedy continuation stays
-    close to float32 transformers (first tokens equal, logprobs within 0.1)."""
+@pytest.mark.parametrize("mesh,dense_impl", [("2x4", "auto"), ("2x1", "auto"), ("1x1", "reference")])
+def test_bfloat16_engine_runs_on_a_mesh(llama, prompts, reference, mesh, dense_impl):
+    """bfloat16 params, pools and compute: the greedy continuation stays close
+    to float32 transformers (first tokens equal, logprobs within 0.1). Dense
+    layers: XLA's dot with tp > 1; with tp = 1 the native kernel over packed
+    weights (where it builds with AVX512_BF16) on each instance's rows, or
+    the packed weights' jnp reference."""
+    from distkv_jax.kernels import native
+
     path, _ = llama
-    llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=8, dtype="bfloat16",
-              max_num_batched_tokens=32)
+    llm = LLM(path, warm_start=False, mesh=mesh, block_size=8, kv_blocks=8, dtype="bfloat16",
+              max_num_batched_tokens=32, dense_impl=dense_impl)
+    expected = {"2x4": "xla", "2x1": "native" if native.dense_vectorized() else "xla",
+                "1x1": "reference"}[mesh]
+    assert llm.engine.dense_impl == expected
+    packed = llm.engine.runner.params.get("packed", {})
+    assert bool(packed) == (expected != "xla")
     # bfloat16 KV is stored as its bits (kv_pool.storage_dtype)
     assert llm.engine.pools.k.dtype == np.dtype("uint16")
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, logprobs=0))

@@ -1,0 +1,120 @@
+"""bfloat16 dense layers on XLA:CPU over packed weights.
+
+A dense layer's kernel w [K, N] is packed once, when the weights are loaded,
+into panels of PANEL columns whose rows are taken in pairs:
+
+    packed[p, kp, j, t] = w[2 kp + t, PANEL p + j]     (zero past the edges)
+    shape [ceil(N / PANEL), ceil(K / 2), PANEL, 2]
+
+which is the operand layout of the native kernel (dense_cpu.cc: AVX512_BF16
+pair dot products, each panel one contiguous stream). `dense(x, packed, n)`
+computes x [..., K] @ w in bfloat16 with float32 accumulation, rounded once,
+as the model's unpacked bfloat16 layers do. Two implementations share the
+signature: the native kernel (impl="native") and a jnp reference that
+unpacks and multiplies (impl="reference").
+
+The engine's `dense_impl` (`resolve_impl`): "xla" keeps the weights as they
+are (XLA's dot); "native" and "reference" pack them; "auto" is "native" for
+bfloat16 on CPU with tp = 1 where the kernel builds with AVX512_BF16 (its
+portable loop is slower than XLA's dot), else "xla". (With tp > 1 XLA's
+partitioner cannot split the kernel's custom call.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import native
+
+PANEL = 32
+IMPLS = ("auto", "xla", "native", "reference")
+PACKED_IMPLS = ("native", "reference")
+
+
+def packed_shape(k: int, n: int) -> tuple[int, int, int, int]:
+    return (-(-n // PANEL), -(-k // 2), PANEL, 2)
+
+
+def pack(w):
+    """w [K, N] -> packed [ceil(N / PANEL), ceil(K / 2), PANEL, 2], same dtype
+    (numpy in, numpy out; a jax array in, a jax array out)."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    k, n = w.shape
+    np_, kp, _, _ = packed_shape(k, n)
+    w = xp.pad(w, ((0, 2 * kp - k), (0, np_ * PANEL - n)))
+    return w.reshape(kp, 2, np_, PANEL).transpose(2, 0, 3, 1)
+
+
+def unpack(packed, k: int, n: int):
+    """The inverse of `pack`: w [K, N]."""
+    np_, kp, panel, two = packed.shape
+    if (np_, kp, panel, two) != packed_shape(k, n):
+        raise ValueError(f"packed shape {packed.shape} does not hold a [{k}, {n}] kernel "
+                         f"(expected {packed_shape(k, n)})")
+    return packed.transpose(1, 3, 0, 2).reshape(2 * kp, np_ * PANEL)[:k, :n]
+
+
+def dense_reference(x, packed, n: int):
+    """x [..., K] @ unpack(packed) -> [..., n], accumulated in float32, rounded
+    once to x's dtype."""
+    w = unpack(packed, x.shape[-1], n)
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y.astype(jnp.result_type(x, packed))
+
+
+def dense_native(x, packed, n: int):
+    """The same contract from dense_cpu.cc (bfloat16 x and packed weights)."""
+    if not native.available():
+        raise RuntimeError(f"the native dense kernel is unavailable: {native.error()}")
+    if x.dtype != jnp.bfloat16 or packed.dtype != jnp.bfloat16:
+        raise ValueError(f"native dense takes bfloat16 x and weights, got {x.dtype} and "
+                         f"{packed.dtype}")
+    k = x.shape[-1]
+    if packed.shape != packed_shape(k, n):
+        raise ValueError(f"packed weights {packed.shape} do not match x [..., {k}] and "
+                         f"n={n} (expected {packed_shape(k, n)})")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    out = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
+    y = jax.ffi.ffi_call(native.DENSE_TARGET, out)(x.reshape(rows, k), packed)
+    return y.reshape(*lead, n)
+
+
+def dense(x, packed, n: int, impl: str = "auto"):
+    """x [..., K] @ w [K, n] from packed w; impl "native", "reference" or
+    "auto" (native where it is built)."""
+    if impl == "auto":
+        impl = "native" if native.available() else "reference"
+    if impl == "native":
+        return dense_native(x, packed, n)
+    if impl == "reference":
+        return dense_reference(x, packed, n)
+    raise ValueError(f"dense impl must be 'auto', 'native' or 'reference', got {impl!r}")
+
+
+def resolve_impl(impl: str, platform: str, dtype, tp: int) -> str:
+    """The dense implementation `impl` means for a model in `dtype` on
+    `platform` with tensor parallelism `tp` (see the module docstring)."""
+    if impl not in IMPLS:
+        raise ValueError(f"dense_impl must be one of {IMPLS}, got {impl!r}")
+    bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+    if impl == "auto":
+        ok = platform == "cpu" and bf16 and tp == 1 and native.dense_vectorized()
+        return "native" if ok else "xla"
+    if impl in PACKED_IMPLS:
+        if not bf16:
+            raise ValueError(f"dense_impl={impl!r} packs bfloat16 weights; the model runs in "
+                             f"{jnp.dtype(dtype).name} (use dense_impl='xla' or 'auto')")
+        if tp != 1:
+            raise ValueError(f"dense_impl={impl!r} needs tp=1 (replicated weights), the mesh "
+                             f"has tp={tp} (use dense_impl='xla' or 'auto')")
+        if impl == "native" and platform != "cpu":
+            raise ValueError(f"dense_impl='native' is an XLA:CPU kernel; this job runs on "
+                             f"{platform} (use dense_impl='xla' or 'auto')")
+        if impl == "native" and not native.available():
+            raise ValueError(f"dense_impl='native': the native kernel is unavailable here "
+                             f"({native.error()}); use dense_impl='auto'")
+    return impl
