@@ -315,6 +315,115 @@ void lanes_block(const Shape& s, LaneTile& lt, const T* kb, const T* vb, int64_t
     }
 }
 
+// 16 vectors of partial sums -> one vector of their totals (lane j: the sum
+// of P[j]'s lanes): halving shuffles and adds (the transpose of a 16 x 16
+// block, summed on the way), 15 adds for 16 dot products instead of a
+// horizontal reduction for each. The last shuffle undoes the bit-reversed
+// lane order the stages leave.
+inline f16v transpose_sum16(const f16v* P) {
+  f16v q[8], r[4], h[2];
+  for (int i = 0; i < 8; ++i)
+    q[i] = __builtin_shufflevector(P[2 * i], P[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(P[2 * i], P[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                   25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    r[i] = __builtin_shufflevector(q[2 * i], q[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9,
+                                   10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(q[2 * i], q[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13,
+                                   14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    h[i] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9,
+                                   24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(r[2 * i], r[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
+                                   26, 27, 14, 15, 30, 31);
+  const f16v t = __builtin_shufflevector(h[0], h[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26,
+                                         12, 28, 14, 30) +
+                 __builtin_shufflevector(h[0], h[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27,
+                                         13, 29, 15, 31);
+  return __builtin_shufflevector(t, t, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// Decode-like rows (few query rows per KV head): one query row against one
+// block, every KV head and query group. Per KV head the block's keys and
+// values are converted to float32 once (into L1) and shared by the G query
+// heads of the group; scores of 16 keys come from 16 vector partial dot
+// products and one transpose_sum16, and the online softmax runs on those
+// vectors. (The generic path below converts every key once per query head
+// and reduces every dot product horizontally.)
+template <typename T, int DC, int BC>
+void row_block(const Shape& s, const float* __restrict qr, const T* kb, const T* vb,
+               int64_t visible, float scale, float* m, float* l, float* __restrict o) {
+  static_assert(DC % 16 == 0 && BC % 16 == 0, "vector tiles of 16");
+  constexpr int C = DC / 16, NB = BC / 16;
+  const int64_t G = s.groups, key_stride = s.stored * DC;
+  const int64_t chunks = (visible + 15) / 16;
+  alignas(64) float kf[BC * DC], vf[BC * DC];
+  for (int64_t h = 0; h < s.num_kv; ++h) {
+    for (int64_t j = 0; j < chunks * 16; ++j) {
+      float* kd = kf + j * DC;
+      float* vd = vf + j * DC;
+      if (j < visible) {
+        const T* kr = kb + j * key_stride + h * DC;
+        const T* vr = vb + j * key_stride + h * DC;
+#pragma omp simd
+        for (int64_t d = 0; d < DC; ++d) {
+          kd[d] = load(kr[d]);
+          vd[d] = load(vr[d]);
+        }
+      } else {  // past the visible keys: zeros (their weights are 0; no NaN from 0 * garbage)
+        for (int64_t d = 0; d < DC; ++d) kd[d] = vd[d] = 0.0f;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t hg = h * G + g;
+      f16v qv[C];
+      for (int c = 0; c < C; ++c) qv[c] = load16(qr + hg * DC + 16 * c);
+      f16v sc[NB];
+      f16v mx = f16v{} + kNegInf;
+      for (int64_t b = 0; b < chunks; ++b) {
+        f16v P[16];
+        for (int j = 0; j < 16; ++j) {
+          const float* kd = kf + (b * 16 + j) * DC;
+          f16v acc = qv[0] * load16(kd);
+          for (int c = 1; c < C; ++c) acc += qv[c] * load16(kd + 16 * c);
+          P[j] = acc;
+        }
+        const i16v key = i16v{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} +
+                         static_cast<int32_t>(b * 16);
+        const f16v v = transpose_sum16(P) * scale;
+        sc[b] = key < static_cast<int32_t>(visible) ? v : f16v{} + kNegInf;
+        mx = sc[b] > mx ? sc[b] : mx;
+      }
+      float block_max = kNegInf;
+      for (int j = 0; j < 16; ++j) block_max = std::max(block_max, mx[j]);
+      const float m_old = m[hg];
+      const float m_new = std::max(m_old, block_max);
+      // m_old = -inf: nothing accumulated yet (acc and l are 0)
+      const float a = m_old == kNegInf ? 0.0f : exp_nonpos16(f16v{} + (m_old - m_new))[0];
+      f16v sums = {};
+      for (int64_t b = 0; b < chunks; ++b) {
+        sc[b] = exp_or_zero16(sc[b] - m_new);
+        sums += sc[b];
+      }
+      float sum = 0.0f;
+      for (int j = 0; j < 16; ++j) sum += sums[j];
+      l[hg] = l[hg] * a + sum;
+      m[hg] = m_new;
+      f16v av[C];
+      float* acc = o + hg * DC;
+      for (int c = 0; c < C; ++c) av[c] = load16(acc + 16 * c) * a;
+      for (int64_t b = 0; b < chunks; ++b)
+        for (int j = 0; j < 16; ++j) {
+          const float p = sc[b][j];
+          const float* vd = vf + (b * 16 + j) * DC;
+          for (int c = 0; c < C; ++c) av[c] += p * load16(vd + 16 * c);
+        }
+      for (int c = 0; c < C; ++c) store16(acc + 16 * c, av[c]);
+    }
+  }
+}
+
 template <typename T, int DC, int BC>
 void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const T* k_pages,
                      const T* v_pages, const int32_t* item_tile, const int32_t* item_block,
@@ -358,6 +467,22 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
         prefetch_page(v_pages + item_block[next] * page, page * sizeof(T));
       }
       lanes_block<T, DC, BC>(s, lt, kb, vb, kstart);
+      continue;
+    }
+    if constexpr (DC > 0 && DC % 16 == 0 && BC > 0 && BC % 16 == 0) {
+      if (next < s.items) {
+        prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
+        prefetch_page(v_pages + item_block[next] * page, page * sizeof(T));
+      }
+      for (int64_t qi = 0; qi < s.q_tile; ++qi) {
+        const int64_t pos = q_pos[t * s.q_tile + qi];
+        if (pos < 0) continue;                                            // padding row
+        const int64_t visible = std::min<int64_t>(bs, pos - kstart + 1);  // causal
+        if (visible <= 0) continue;
+        const int64_t row0 = (t * s.q_tile + qi) * HG;
+        row_block<T, DC, BC>(s, q + row0 * D, kb, vb, visible, scale, m + row0, l + row0,
+                             o + row0 * D);
+      }
       continue;
     }
     // The next item's pages are prefetched key by key while this item's keys

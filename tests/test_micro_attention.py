@@ -93,6 +93,11 @@ CASES = [
     ([200, 90], [64, 40], 16, 2, 2, 16, 8, 2),        # prefill tiles over many blocks, threaded
     ([300, 70], [256, 17], 16, 8, 1, 8, 16, 1),       # the workload bench's prefill: 16 rows x 1 group
     ([90, 40], [30, 40], 16, 2, 3, 16, 8, 2),         # 24 rows per KV head: a partial row block
+    # the native kernel's fixed-size row path (head_dim, block a multiple of
+    # 16; fewer than 8 rows per KV head): keys shared by the group's heads
+    ([37, 5, 64, 130], [1, 1, 1, 1], 16, 2, 4, 64, 1, 4),   # decode, 4 query heads per KV head
+    ([40, 77], [3, 5], 32, 2, 2, 64, 2, 2),           # 2-row tiles: causal masks inside 32-key blocks
+    ([300] * 4 + [20] * 8, [1] * 12, 16, 1, 8, 128, 1, 4),  # MQA, head_dim 128, threaded
 ]
 
 
@@ -142,7 +147,7 @@ def test_native_kernel_builds_and_is_the_cpu_default():
         resolve_impl("fast")
 
 
-@pytest.mark.parametrize("q_tile", [4, 16])  # the decode path and the prefill (lanes) path
+@pytest.mark.parametrize("q_tile", [1, 4, 16])  # the fixed-size row path (1), lanes (4, 16)
 def test_native_bfloat16_pages_match_reference(q_tile):
     rng = np.random.default_rng(11)
     problem, _ = _paged_problem(rng, [70, 33], [20, 1], 16, 2, 2, 16, q_tile, run=2)
