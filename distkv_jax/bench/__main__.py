@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "attention": "distkv_jax.bench.attention",
     "capacity": "distkv_jax.bench.capacity",
     "control_plane": "distkv_jax.bench.control_plane",
+    "dense": "distkv_jax.bench.dense",
     "dtype": "distkv_jax.bench.dtype",
     "longctx": "distkv_jax.bench.longctx",
     "pool": "distkv_jax.bench.pool",
