@@ -59,6 +59,18 @@ def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     return out.astype(jnp.result_type(lhs, rhs))
 
 
+def silu_mul(gate, up):
+    """silu(gate) * up with PyTorch's roundings in a narrow dtype: silu
+    computed in float32 and rounded once, then the product rounded once.
+    (XLA's bfloat16 silu rounds inside the sigmoid as well, and XLA:CPU ran
+    it ~1.9x slower: 0.95 against 0.51 ms on 512 x 1,408.)"""
+    if gate.dtype == jnp.float32:
+        return nn.silu(gate) * up
+    f32 = jnp.float32
+    s = nn.silu(gate.astype(f32)).astype(gate.dtype)
+    return (s.astype(f32) * up.astype(f32)).astype(jnp.result_type(gate, up))
+
+
 # x [..., K], packed kernel, N -> [..., N]: a dense layer over weights packed
 # by `pack_dense_kernels` (kernels/dense.py), given by the engine.
 PackedDenseFn = Callable[[jax.Array, jax.Array, int], jax.Array]
@@ -126,7 +138,7 @@ class DecoderLayer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_norm")(h)
         gate = self._dense(cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
         up = self._dense(cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
-        h = h + self._dense(cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+        h = h + self._dense(cfg.hidden_size, cfg.mlp_bias, "down_proj")(silu_mul(gate, up))
         return (h, cache), None
 
 

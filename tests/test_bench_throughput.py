@@ -55,8 +55,13 @@ def test_bench_throughput_side_by_side_quick(tmp_path):
     assert result["mode"] == "side_by_side" and result["cpu"] and result["versions"]["jax"]
     assert [r["workload"] for r in result["rows"]] == ["decode", "prefill"]
     for row in result["rows"]:
-        for side in ("ours_float32", "ours_bfloat16", "transformers_float32"):
+        for side in ("ours_float32", "ours_bfloat16", "ours-xla-dense_bfloat16",
+                     "transformers_float32"):
             assert row[f"{side}_tok_per_s"] > 0, row
+        # our bfloat16 beside itself with XLA's dot for the dense layers
+        assert row["dense_impl"]["ours-xla-dense_bfloat16"] == "xla"
+        assert row["dense_impl"]["ours_float32"] == "xla"
+        assert row["bf16_native_dense_over_xla_dense"] > 0
         assert row["float32_tokens_equal"] is True
         assert row["ours_best_over_transformers_best"] > 0
     assert 0 < result["rows"][0]["ours_float32_fraction_of_floor"]
