@@ -37,6 +37,7 @@
 #define DISTKV_DPBF16 1
 #endif
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -164,34 +165,8 @@ constexpr int kRows = 8;
 
 #endif
 
-// Upper bound on threads per call ($DISTKV_CPU_THREADS; default: no bound).
-int64_t thread_cap() {
-  static const int64_t n = [] {
-    const char* env = std::getenv("DISTKV_CPU_THREADS");
-    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{1} << 20;
-  }();
-  return n;
-}
-
 // Below this many multiply-adds a task's hand-off costs more than it saves.
 constexpr int64_t kMacsPerPart = int64_t{1} << 19;
-
-// Parts claimed from a shared counter by the caller and by tasks on XLA's
-// intra-op pool (as in micro_attention_cpu.cc: the caller never waits for a
-// part nobody has claimed, so a busy pool cannot deadlock it).
-struct Parts {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> fn;
-
-  void drain() {
-    for (int64_t p; (p = next.fetch_add(1)) < count;) {
-      fn(p);
-      done.fetch_add(1, std::memory_order_release);
-      done.notify_all();
-    }
-  }
-};
 
 ffi::Error dense_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::BF16> y) {
@@ -211,7 +186,7 @@ ffi::Error dense_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   // two parts per thread, claimed dynamically (a thread slowed by the host's
   // own work takes fewer), none smaller than kMacsPerPart
-  const int64_t parts = std::min({thread_cap(), 2 * workers,
+  const int64_t parts = std::min({distkv::thread_cap(), 2 * workers,
                                   std::max<int64_t>(1, M * std::max<int64_t>(K, 1) * N / kMacsPerPart)});
   if (parts <= 1) {
     run(g, 0, M, 0, panels);
@@ -221,19 +196,12 @@ ffi::Error dense_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   const int64_t blocks = (M + kRows - 1) / kRows;
   const int64_t col_parts = std::min(parts, panels);
   const int64_t row_parts = std::min((parts + col_parts - 1) / col_parts, blocks);
-  auto shared = std::make_shared<Parts>();
-  shared->count = col_parts * row_parts;
-  shared->fn = [&](int64_t part) {
+  distkv::parallel_for(pool, col_parts * row_parts, [&](int64_t part) {
     const int64_t c = part / row_parts, r = part % row_parts;
     const int64_t m0 = blocks * r / row_parts * kRows;
     const int64_t m1 = std::min(M, blocks * (r + 1) / row_parts * kRows);
     run(g, m0, m1, panels * c / col_parts, panels * (c + 1) / col_parts);
-  };
-  for (int64_t i = 1; i < shared->count; ++i) pool.Schedule([shared] { shared->drain(); });
-  shared->drain();
-  // block (futex) rather than spin, as micro_attention_cpu.cc
-  for (int64_t d; (d = shared->done.load(std::memory_order_acquire)) < shared->count;)
-    shared->done.wait(d, std::memory_order_acquire);
+  });
   return ffi::Error::Success();
 }
 

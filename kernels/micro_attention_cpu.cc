@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -568,36 +569,8 @@ void run_tiles(const Shape& s, const float* q, const int32_t* q_pos, const T* k_
                            head_offset, scale, o, m, l, tile_lo, tile_hi);
 }
 
-// Upper bound on threads per call ($DISTKV_CPU_THREADS; default: no bound).
-int64_t thread_cap() {
-  static const int64_t n = [] {
-    const char* env = std::getenv("DISTKV_CPU_THREADS");
-    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{1} << 20;
-  }();
-  return n;
-}
-
 // Minimum items per range: below this a task's hand-off costs more than it saves.
 constexpr int64_t kItemsPerRange = 64;
-
-// Ranges claimed from a shared counter by the caller and by tasks on XLA's
-// intra-op pool. The caller claims ranges too and waits only for ranges that
-// others have claimed (and are running), so it cannot deadlock when every
-// pool thread is busy; a task that starts after all ranges are claimed does
-// nothing and touches only this heap state.
-struct Ranges {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> fn;
-
-  void drain() {
-    for (int64_t r; (r = next.fetch_add(1)) < count;) {
-      fn(r);
-      done.fetch_add(1, std::memory_order_release);
-      done.notify_all();
-    }
-  }
-};
 
 template <typename T, ffi::DataType DT>
 ffi::Error micro_attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -642,7 +615,7 @@ ffi::Error micro_attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   // two ranges per thread: claimed dynamically, they even out a thread that
   // the host's own work (planning the next step) slows down
-  const int64_t parts = std::min({thread_cap(), 2 * workers, std::max<int64_t>(1, real / kItemsPerRange)});
+  const int64_t parts = std::min({distkv::thread_cap(), 2 * workers, std::max<int64_t>(1, real / kItemsPerRange)});
   if (parts <= 1) {
     work(0, s.n_tiles);
     return ffi::Error::Success();
@@ -654,15 +627,8 @@ ffi::Error micro_attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     if (acc * parts >= real * static_cast<int64_t>(bounds.size())) bounds.push_back(t + 1);
   }
   bounds.push_back(s.n_tiles);
-  auto ranges = std::make_shared<Ranges>();
-  ranges->count = static_cast<int64_t>(bounds.size()) - 1;
-  ranges->fn = [&](int64_t r) { work(bounds[r], bounds[r + 1]); };
-  for (int64_t i = 1; i < ranges->count; ++i) pool.Schedule([ranges] { ranges->drain(); });
-  ranges->drain();
-  // block (futex) rather than spin: the other threads may be simulated
-  // devices' work, or the host, on the same cores
-  for (int64_t d; (d = ranges->done.load(std::memory_order_acquire)) < ranges->count;)
-    ranges->done.wait(d, std::memory_order_acquire);
+  distkv::parallel_for(pool, static_cast<int64_t>(bounds.size()) - 1,
+                       [&](int64_t r) { work(bounds[r], bounds[r + 1]); });
   return ffi::Error::Success();
 }
 

@@ -29,6 +29,7 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_HERE, name) for name in ("micro_attention_cpu.cc", "dense_cpu.cc"))
+_HEADERS = (os.path.join(_HERE, "cpu_parallel.h"),)
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC", "-pthread")
 # $DISTKV_NATIVE_PORTABLE=1: the dense kernel's portable loop even where the
 # CPU has AVX512_BF16 (its tests run it so)
@@ -69,7 +70,7 @@ def _build() -> str:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     sources = []
-    for path in _SOURCES:
+    for path in _SOURCES + _HEADERS:
         with open(path, "rb") as f:
             sources.append(f.read())
     flags = _flags()
