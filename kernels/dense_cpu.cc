@@ -24,11 +24,8 @@
 // and registered as the XLA FFI target "distkv_dense_bf16".
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <functional>
-#include <memory>
 
 // DISTKV_PORTABLE (kernels/native.py, $DISTKV_NATIVE_PORTABLE) builds the
 // portable loop on any CPU, for its tests.
