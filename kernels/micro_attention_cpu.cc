@@ -9,8 +9,10 @@
 // Two loop orders: decode tiles (few rows per KV head) take per-row dot
 // products over head_dim; prefill tiles put 16 query rows of one KV head in
 // the vector lanes, so that each key or value element is one broadcast
-// shared by the rows (no transposes, no horizontal sums). Common (head_dim,
-// block_size) pairs are compiled with constant loop bounds.
+// shared by the rows (no transposes, no horizontal sums); over bfloat16
+// pages, where the CPU has AVX512_BF16, prefill tiles multiply bfloat16 pairs
+// (VDPBF16PS: 2-2.4x the float32 loop). Common (head_dim, block_size) pairs
+// are compiled with constant loop bounds.
 //
 // Built by kernels/native.py with the host's compiler (-O3 -march=native) and
 // registered as XLA FFI targets "distkv_micro_attention_{f32,bf16}" (pages of
@@ -30,7 +32,15 @@
 #include <memory>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+// The prefill path over bfloat16 pages uses VDPBF16PS where the CPU has it
+// (DISTKV_PORTABLE, from $DISTKV_NATIVE_PORTABLE, builds without it, for tests).
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(DISTKV_PORTABLE)
+#include <immintrin.h>
+#define DISTKV_DPBF16 1
+#endif
 
 #include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -45,6 +55,14 @@ constexpr int64_t kMasked = int64_t{1} << 30;  // attention_plan.MASKED: an item
 inline float load(float x) { return x; }
 inline float load(uint16_t x) {  // bfloat16: the high half of a float32
   return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
+}
+
+// float32 -> bfloat16 bits, round to nearest even (NaN kept a quiet NaN), as XLA's convert.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u = __builtin_bit_cast(uint32_t, f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
 }
 
 // 16 floats as one GCC vector (one AVX-512 register, or two AVX2 ones). The
@@ -198,6 +216,8 @@ struct LaneTile {
   int64_t tile = -1;
   int64_t blocks = 0;          // row blocks per KV head: ceil(q_tile * G / 16)
   std::vector<float> st, qt;   // state; queries (scaled) [h][rb][D][16]
+  std::vector<uint32_t> qp;    // or (pairs path) bfloat16 query pairs [h][rb][D/2][16], unscaled
+  float scale = 1.0f;          // pairs path: applied to the scores
   std::vector<int32_t> pos;    // [rb][16]: row positions (padding: INT32_MAX)
   std::vector<int32_t> lo, hi; // per row block: smallest and largest real position
 };
@@ -243,15 +263,19 @@ inline void lanes_chunk(const float* __restrict qt, const T* kb, const T* vb, in
 
 // Takes up tile t: its accumulators (o, m, l: row-major; o and l start at 0,
 // m at -inf) and scaled queries, lane-major into lt.
-template <int DC>
+template <int DC, bool Pairs = false>
 void lanes_take(const Shape& s, LaneTile& lt, const float* o, const float* m, const float* l,
                 int64_t t, const float* q, const int32_t* q_pos, float scale) {
   const int64_t D = DC ? DC : s.head_dim, G = s.groups, R = s.q_tile * G;
   const int64_t per = (D + 2) * kLanes;
   lt.tile = t;
   lt.blocks = (R + kLanes - 1) / kLanes;
+  lt.scale = scale;
   lt.st.assign(s.num_kv * lt.blocks * per, 0.0f);
-  lt.qt.assign(s.num_kv * lt.blocks * D * kLanes, 0.0f);
+  if (Pairs)
+    lt.qp.assign(s.num_kv * lt.blocks * (D / 2) * kLanes, 0u);
+  else
+    lt.qt.assign(s.num_kv * lt.blocks * D * kLanes, 0.0f);
   lt.pos.assign(lt.blocks * kLanes, std::numeric_limits<int32_t>::max());
   lt.lo.assign(lt.blocks, std::numeric_limits<int32_t>::max());
   lt.hi.assign(lt.blocks, -1);
@@ -267,12 +291,17 @@ void lanes_take(const Shape& s, LaneTile& lt, const float* o, const float* m, co
       const int64_t idx = ((t * s.q_tile + r / G) * s.num_kv + h) * G + r % G;
       const int64_t rb = r / kLanes, lane = r % kLanes;
       float* st = lt.st.data() + (h * lt.blocks + rb) * per;
-      float* qt = lt.qt.data() + (h * lt.blocks + rb) * D * kLanes;
+      float* qt = Pairs ? nullptr : lt.qt.data() + (h * lt.blocks + rb) * D * kLanes;
       st[lane] = m[idx];
       st[kLanes + lane] = l[idx];
-      for (int64_t d = 0; d < D; ++d) {
-        st[(2 + d) * kLanes + lane] = o[idx * D + d];
-        qt[d * kLanes + lane] = q[idx * D + d] * scale;
+      for (int64_t d = 0; d < D; ++d) st[(2 + d) * kLanes + lane] = o[idx * D + d];
+      if (Pairs) {
+        uint32_t* qp = lt.qp.data() + (h * lt.blocks + rb) * (D / 2) * kLanes;
+        for (int64_t d = 0; d < D; d += 2)
+          qp[d / 2 * kLanes + lane] = bf16_bits(q[idx * D + d]) |
+                                      static_cast<uint32_t>(bf16_bits(q[idx * D + d + 1])) << 16;
+      } else {
+        for (int64_t d = 0; d < D; ++d) qt[d * kLanes + lane] = q[idx * D + d] * scale;
       }
     }
 }
@@ -315,6 +344,124 @@ void lanes_block(const Shape& s, LaneTile& lt, const T* kb, const T* vb, int64_t
       }
     }
 }
+
+#ifdef DISTKV_DPBF16
+// The lanes path over bfloat16 pages with VDPBF16PS (one instruction: 16
+// lanes x a pair of products, float32 sums), where the generic path converts
+// each key or value element to float32 before its FMA:
+//   scores  sc[j] += (q[row][2i], q[row][2i+1]) . (k[j][2i], k[j][2i+1])
+//           the query pairs lane-major (lt.qp), the key pair one broadcast
+//           32-bit load straight from the page;
+//   values  acc[d] += (p[row][2i], p[row][2i+1]) . (v[2i][d], v[2i+1][d])
+//           the probabilities rounded to bfloat16 (as transformers' bfloat16
+//           attention rounds its softmax before the product with V), the
+//           value pairs interleaved once per block and KV head (vt), shared
+//           by the head's row blocks.
+// The softmax itself stays float32, lane per row, as in lanes_chunk.
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t w;
+  __builtin_memcpy(&w, p, sizeof w);
+  return w;
+}
+
+template <int D>
+inline void lanes_chunk_dp(const uint32_t* __restrict qp, const uint16_t* kc,
+                           const uint32_t* __restrict vt, int64_t key_stride, int64_t kpos0,
+                           const int32_t* pos, bool mask, float scale, float* mp, float* lp,
+                           float* __restrict acc) {
+  __m512 sc[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) sc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D / 2; ++i) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + i * kLanes);
+    for (int64_t j = 0; j < kLanes; ++j)
+      sc[j] = _mm512_dpbf16_ps(sc[j], qv,
+                               (__m512bh)_mm512_set1_epi32(load_pair(kc + j * key_stride + 2 * i)));
+  }
+  f16v s[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) s[j] = (f16v)sc[j] * scale;
+  if (mask) {  // causal: key position > row position
+    i16v pv;
+    __builtin_memcpy(&pv, pos, sizeof pv);
+    for (int64_t j = 0; j < kLanes; ++j)
+      s[j] = (i16v{} + static_cast<int32_t>(kpos0 + j)) > pv ? f16v{} + kNegInf : s[j];
+  }
+  f16v mx = s[0];
+  for (int64_t j = 1; j < kLanes; ++j) mx = s[j] > mx ? s[j] : mx;
+  const f16v m_old = load16(mp);
+  const f16v m_new = mx > m_old ? mx : m_old;
+  const f16v m_use = m_new == kNegInf ? f16v{} : m_new;
+  const f16v a = exp_or_zero16(m_old - m_use);
+  f16v sum = {};
+  for (int64_t j = 0; j < kLanes; ++j) {
+    s[j] = exp_or_zero16(s[j] - m_use);
+    sum += s[j];
+  }
+  store16(mp, m_new);
+  store16(lp, load16(lp) * a + sum);
+  // probability pairs: bfloat16 (p[j], p[j+1]) per lane
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                              25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                              18, 2, 17, 1, 16, 0);
+  __m512bh pp[kLanes / 2];
+  for (int64_t i = 0; i < kLanes / 2; ++i)
+    pp[i] = (__m512bh)_mm512_permutexvar_epi16(
+        interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)s[2 * i + 1], (__m512)s[2 * i]));
+  for (int64_t d = 0; d < D; d += 4) {  // four independent chains per pass
+    __m512 ad[4];
+    for (int u = 0; u < 4; ++u) ad[u] = (__m512)(load16(acc + (d + u) * kLanes) * a);
+    for (int64_t i = 0; i < kLanes / 2; ++i)
+      for (int u = 0; u < 4; ++u)
+        ad[u] = _mm512_dpbf16_ps(ad[u], pp[i], (__m512bh)_mm512_set1_epi32(vt[i * D + d + u]));
+    for (int u = 0; u < 4; ++u) store16(acc + (d + u) * kLanes, (f16v)ad[u]);
+  }
+}
+
+// vt[i][d] = (v[2i][d], v[2i+1][d]) for the block's first `keys` keys of one
+// KV head. Out of line: inlined into lanes_block_dp, GCC spilled its vectors
+// through the stack and it cost 13% of the prefill kernel.
+template <int D>
+__attribute__((noinline)) void value_pairs(const uint16_t* vh, int64_t key_stride, int64_t keys,
+                                           uint32_t* __restrict vt) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
+                                      8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t i = 0; i < keys / 2; ++i) {
+    const uint16_t* v0 = vh + 2 * i * key_stride;
+    for (int64_t c = 0; c < D; c += 32) {
+      const __m512i a = _mm512_loadu_si512(v0 + c), b = _mm512_loadu_si512(v0 + key_stride + c);
+      _mm512_storeu_si512(vt + i * D + c, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(vt + i * D + c + 16, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// One block of the current lane tile on the pairs path (D % 32 == 0, BC % 16 == 0).
+template <int D, int BC>
+void lanes_block_dp(const Shape& s, LaneTile& lt, const uint16_t* kb, const uint16_t* vb,
+                    int64_t kstart) {
+  const int64_t key_stride = s.stored * D, per = (D + 2) * kLanes;
+  alignas(64) uint32_t vt[BC / 2 * D];  // [i][d]: (v[2i][d], v[2i+1][d])
+  int32_t hi_all = -1;  // the tile's last row position: keys past it are seen by no row
+  for (int64_t rb = 0; rb < lt.blocks; ++rb) hi_all = std::max(hi_all, lt.hi[rb]);
+  const int64_t keys = std::min<int64_t>(BC, (hi_all - kstart + kLanes) / kLanes * kLanes);
+  for (int64_t h = 0; h < s.num_kv; ++h) {
+    const uint16_t* kh = kb + h * D;
+    value_pairs<D>(vb + h * D, key_stride, keys, vt);
+    for (int64_t rb = 0; rb < lt.blocks; ++rb) {
+      float* st = lt.st.data() + (h * lt.blocks + rb) * per;
+      const uint32_t* qp = lt.qp.data() + (h * lt.blocks + rb) * (D / 2) * kLanes;
+      for (int64_t j0 = 0; j0 < keys; j0 += kLanes) {
+        const int64_t kpos0 = kstart + j0;
+        if (kpos0 > lt.hi[rb]) break;  // no row of the block sees these keys
+        const bool mask = kpos0 + kLanes - 1 > lt.lo[rb];
+        lanes_chunk_dp<D>(qp, kh + j0 * key_stride, vt + j0 / 2 * D, key_stride, kpos0,
+                          lt.pos.data() + rb * kLanes, mask, lt.scale, st, st + kLanes,
+                          st + 2 * kLanes);
+      }
+    }
+  }
+}
+#endif
 
 // 16 vectors of partial sums -> one vector of their totals (lane j: the sum
 // of P[j]'s lanes): halving shuffles and adds (the transpose of a 16 x 16
@@ -438,6 +585,12 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
   // 2-5x faster than the per-row products there); fewer rows: per-row dot
   // products over head_dim (10-15% faster than half-empty lanes at 2-4 rows)
   const bool by_lanes = s.q_tile * G >= 8;
+#ifdef DISTKV_DPBF16
+  constexpr bool kPairs = std::is_same_v<T, uint16_t> && DC > 0 && DC % 32 == 0 && BC > 0 &&
+                          BC % kLanes == 0;
+#else
+  constexpr bool kPairs = false;
+#endif
   LaneTile lt;
   std::vector<float> scores(by_lanes ? 0 : HG * bs), probs(by_lanes ? 0 : HG * bs);
   auto mine = [&](int64_t w) {  // this range's real items (not padding, not masked)
@@ -461,12 +614,18 @@ void run_tiles_fixed(const Shape& s, const float* q, const int32_t* q_pos, const
     if (by_lanes) {
       if (lt.tile != t) {
         if (lt.tile >= 0) lanes_put<DC>(s, lt, o, m, l, q_pos);
-        lanes_take<DC>(s, lt, o, m, l, t, q, q_pos, scale);
+        lanes_take<DC, kPairs>(s, lt, o, m, l, t, q, q_pos, scale);
       }
       if (next < s.items) {
         prefetch_page(k_pages + item_block[next] * page, page * sizeof(T));
         prefetch_page(v_pages + item_block[next] * page, page * sizeof(T));
       }
+#ifdef DISTKV_DPBF16
+      if constexpr (kPairs) {
+        lanes_block_dp<DC, BC>(s, lt, kb, vb, kstart);
+        continue;
+      }
+#endif
       lanes_block<T, DC, BC>(s, lt, kb, vb, kstart);
       continue;
     }

@@ -21,6 +21,8 @@ FAMILIES = {
         "original_max_position_embeddings": 32}, rope_theta=500000.0)),
     "llama_linear_rope": ("LlamaConfig", dict(BASE, rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "mistral": ("MistralConfig", dict(BASE, sliding_window=None)),
+    # head_dim 64: the native kernel's bfloat16 pair-product prefill path
+    "llama_hd64": ("LlamaConfig", dict(BASE, hidden_size=128, head_dim=64)),
     "qwen2_bias_tied": ("Qwen2Config", dict(BASE, tie_word_embeddings=True, rope_theta=1000000.0)),
 }
 

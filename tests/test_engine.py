@@ -314,6 +314,29 @@ def test_bfloat16_engine_runs_on_a_mesh(llama, prompts, reference, mesh, dense_i
         assert abs(comp.logprobs[0][toks[0]].logprob - lps[0]) < 0.1
 
 
+def test_bfloat16_head_dim_64_prefill_matches_transformers(tmp_path):
+    """head_dim 64 and 16-key blocks in bfloat16: prefill tiles take the
+    native kernel's bfloat16 pair products (probabilities rounded to
+    bfloat16). Long prompts in chunks of 32 tokens; the greedy continuation
+    stays close to float32 transformers (first tokens equal, logprobs
+    within 0.1, the bfloat16 tolerance above)."""
+    from hf_models import hf_greedy_logprobs
+
+    path = str(tmp_path / "llama_hd64")
+    model = make_hf_model("llama_hd64", path)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (150, 37, 64, 90)]
+    llm = LLM(path, warm_start=False, mesh="1x1", block_size=16, kv_blocks=64, dtype="bfloat16",
+              max_num_batched_tokens=32)
+    assert llm.engine.attention_impl == "native"
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, logprobs=0))
+    for out, p in zip(outs, prompts):
+        toks, lps = hf_greedy_logprobs(model, p, 3)
+        comp = out.outputs[0]
+        assert comp.finish_reason == "length" and comp.token_ids[0] == toks[0], out.error
+        assert abs(comp.logprobs[0][toks[0]].logprob - lps[0]) < 0.1
+
+
 def test_overlapped_steps_match_sequential_steps(llama):
     """Planning step n+1 while step n runs (tokens handed over on the device,
     one row computed past a stop) gives exactly the outputs of sequential

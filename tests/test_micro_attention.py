@@ -160,6 +160,63 @@ def test_native_bfloat16_pages_match_reference(q_tile):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=0)
 
 
+PAIRS_CASES = [
+    # seq_lens, new_tokens, block_size, num_kv, groups, head_dim, q_tile
+    ([300, 70], [256, 17], 16, 2, 2, 64, 16),     # the engine's prefill tiles: 32 rows per KV head
+    ([90, 40], [30, 40], 32, 2, 3, 64, 8),        # 24 rows: a partial row block; 32-key blocks
+    ([130, 20], [64, 20], 16, 1, 8, 128, 2),      # MQA, head_dim 128
+    ([50, 33], [50, 9], 16, 4, 1, 32, 8),         # 8 rows per KV head: half-empty lanes
+]
+
+_PORTABLE = """
+import sys, numpy as np, jax.numpy as jnp
+from distkv_jax.kernels.micro_attention import micro_attention
+a = {k: jnp.asarray(v) for k, v in np.load(sys.argv[1]).items()}
+for name in ("k_pages", "v_pages"):
+    a[name] = a[name].astype(jnp.bfloat16)
+o, lse = micro_attention(**a, scale=float(sys.argv[3]), run=1, impl="native")
+np.savez(sys.argv[2], o=np.asarray(o), lse=np.asarray(lse))
+"""
+
+
+@pytest.mark.parametrize("case", PAIRS_CASES)
+def test_native_bfloat16_prefill_pairs_path(case, tmp_path):
+    """Prefill tiles over bfloat16 pages (head_dim a multiple of 32, blocks of
+    16 keys) take bfloat16 pair products (VDPBF16PS where the CPU has it):
+    scores are exact products of the bfloat16 queries and keys, the softmax
+    is float32, and the probabilities are rounded to bfloat16 before the
+    product with V, as transformers' bfloat16 attention does. Against float64
+    dense attention: lse within float32 rounding, outputs within that
+    probability rounding (a relative 2^-9 of the values: 4e-3 of these); the
+    portable build (no pair products) stays within 1e-5."""
+    seq_lens, new, bs, num_kv, groups, head_dim, q_tile = case
+    rng = np.random.default_rng(sum(seq_lens) + head_dim)
+    problem, refs = _paged_problem(rng, seq_lens, new, bs, num_kv, groups, head_dim, q_tile,
+                                   run=1, round_bf16=True)
+    args = {k: jnp.asarray(v) for k, v in problem.items()}
+    for name in ("k_pages", "v_pages"):
+        args[name] = args[name].astype(jnp.bfloat16)
+    scale = 1 / np.sqrt(head_dim)
+    o, lse = micro_attention(**args, scale=scale, run=1, impl="native")
+    ref_o, ref_lse = micro_attention(**args, scale=scale, run=1, impl="reference")
+    err = _unpack(o, problem, refs, q_tile, num_kv, groups, head_dim)
+    assert err <= 4e-3, err
+    real = problem["q_pos"] >= 0
+    np.testing.assert_allclose(np.asarray(lse)[real], np.asarray(ref_lse)[real], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(np.asarray(lse)[~real])) and np.all(np.asarray(o)[~real] == 0)
+    if not native.dense_vectorized():
+        return  # no AVX512_BF16: the portable loop is the only build
+    np.savez(tmp_path / "in.npz", **problem)
+    env = dict(os.environ, DISTKV_NATIVE_PORTABLE="1", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", _PORTABLE, str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz"), str(scale)], env=env, check=True)
+    port = np.load(tmp_path / "out.npz")
+    assert _unpack(port["o"], problem, refs, q_tile, num_kv, groups, head_dim) <= 1e-5
+    # the pair products are what differ from the portable loop, and only by
+    # the probabilities' rounding
+    assert 0 < np.abs(np.asarray(o) - port["o"]).max() <= 4e-3
+
+
 @pytest.mark.parametrize("impl", ["native", "reference", "pallas"])
 def test_bfloat16_bits_as_uint16_pages_equal_bfloat16_pages(impl):
     """The engine stores bfloat16 KV as its bits (uint16): every kernel reads
