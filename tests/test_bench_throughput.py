@@ -58,6 +58,10 @@ def test_bench_throughput_side_by_side_quick(tmp_path):
         for side in ("ours_float32", "ours_bfloat16", "ours-xla-dense_bfloat16",
                      "transformers_float32"):
             assert row[f"{side}_tok_per_s"] > 0, row
+            # the first call (ours: with compilation) beside the warm calls
+            assert row[f"{side}_first_call_s"] > 0 and row[f"{side}_warm_call_s"] > 0
+            assert row[f"{side}_start_s"] >= 0
+        assert row["ours_float32_first_call_s"] > row["ours_float32_warm_call_s"]
         # our bfloat16 beside itself with XLA's dot for the dense layers
         assert row["dense_impl"]["ours-xla-dense_bfloat16"] == "xla"
         assert row["dense_impl"]["ours_float32"] == "xla"

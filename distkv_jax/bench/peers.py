@@ -8,8 +8,11 @@ Used by `bench throughput --models ... [--peer vllm --vllm_python PATH]`
 per request from this process, so that its passes interleave with the
 others'. Every side: the same random-weight Llama directory, the same
 prompts (random token ids, fixed seed), greedy, ignore_eos, prefix caching
-off (the passes repeat their prompts), one unrecorded warm-up pass per
-workload; generated tokens per second, median of the timed passes.
+off (the passes repeat their prompts), one warm-up pass per workload
+(reported as the first call: ours compiles in it; vLLM's comes after its
+own start-up warm-up), then generated tokens per second, median of the
+timed passes. Each side's start (engine built, before any call) is
+reported too.
 
 Each decode-heavy figure is also reported against its memory-bandwidth
 floor: a decode step reads the weights and the batch's KV at least once, so
@@ -44,11 +47,14 @@ def main():
     llm = LLM(model=cfg["model"], dtype=cfg["dtype"], skip_tokenizer_init=True,
               max_model_len=2048, seed=0, enable_prefix_caching=False)
     loads = {k: (p, n) for k, (p, n) in cfg["workloads"].items()}
-    for name, (prompts, new) in loads.items():   # warm-up
+    first = {}
+    for name, (prompts, new) in loads.items():   # warm-up: the first call of each workload
+        t0 = time.perf_counter()
         llm.generate([{"prompt_token_ids": p} for p in prompts],
                      SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True,
                                     detokenize=False), use_tqdm=False)
-    print("READY " + json.dumps({"vllm": __version__}), flush=True)
+        first[name] = time.perf_counter() - t0
+    print("READY " + json.dumps({"vllm": __version__, "first": first}), flush=True)
     for line in sys.stdin:
         name = json.loads(line)["workload"]
         prompts, new = loads[name]
@@ -79,7 +85,8 @@ class _VLLMSide:
                                      env=env)
         ready = self._read("READY ")
         self.version = ready["vllm"]
-        self.start_s = time.perf_counter() - t0
+        self.first = ready["first"]
+        self.start_s = time.perf_counter() - t0 - sum(self.first.values())
 
     def _read(self, prefix: str) -> dict:
         for line in self.proc.stdout:
@@ -121,8 +128,11 @@ class _OursSide:
         self.workloads = workloads
         self._params = {k: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
                         for k, (_, n) in workloads.items()}
-        for k, (prompts, _) in workloads.items():
-            self.llm.generate(prompts, self._params[k])        # warm-up
+        self.first = {}
+        for k, (prompts, _) in workloads.items():  # warm-up: the first call (compiles)
+            t0 = time.perf_counter()
+            self.llm.generate(prompts, self._params[k])
+            self.first[k] = time.perf_counter() - t0
 
     def run(self, name: str) -> tuple[float, list]:
         t0 = time.perf_counter()
@@ -145,8 +155,9 @@ class _HFSide:
         self.model.generation_config.pad_token_id = 0
         self.workloads = workloads
         self.start_s = 0.0
+        self.first = {}
         for k in workloads:
-            self.run(k, 2)                                     # warm-up
+            self.first[k] = self.run(k, 2)[0]                  # warm-up (2 new tokens)
 
     def run(self, name: str, new: int | None = None) -> tuple[float, list]:
         prompts, n = self.workloads[name]
@@ -199,7 +210,7 @@ def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_pytho
             make_llama_dir(path, dims)
             workloads = {w: ([rng.integers(3, dims["vocab"] - 1, size=p).tolist() for _ in range(r)], n)
                          for w, (r, p, n) in loads.items()}
-            built, times, tokens, dense_impls = {}, {}, {}, {}
+            built, times, tokens, dense_impls, starts, firsts = {}, {}, {}, {}, {}, {}
             for side, dtype in sides:
                 key = f"{side}_{dtype}"
                 cls = {"ours": _OursSide, "transformers": _HFSide,
@@ -216,6 +227,8 @@ def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_pytho
                 if side.startswith("ours"):
                     dense_impls[key] = built[key].dense_impl
                 times[key] = {w: [] for w in workloads}
+                starts[key] = built[key].start_s
+                firsts[key] = dict(built[key].first)
             for _ in range(repeats):              # configurations take turns
                 for key, s in built.items():
                     for w in workloads:
@@ -230,6 +243,12 @@ def compare(shapes: dict, sides: list[tuple[str, str]], repeats: int, vllm_pytho
                 for key in times:
                     tps = r * n / float(np.median(times[key][w]))
                     row[f"{key}_tok_per_s"] = tps
+                    # what a user meets first: the engine's start, then the
+                    # first call (ours compiles its step programs in it;
+                    # transformers' warm-up generates 2 tokens only)
+                    row[f"{key}_start_s"] = starts[key]
+                    row[f"{key}_first_call_s"] = firsts[key][w]
+                    row[f"{key}_warm_call_s"] = float(np.median(times[key][w]))
                     if w == "decode":
                         floor = _floor_tok_per_s(dims, key.rsplit("_", 1)[1], (r, p, n),
                                                  bw["xla_stream_read_GBps"] * 1e9)
