@@ -149,6 +149,37 @@ def choose_run(run_lengths: np.ndarray, choices: Sequence[int] = RUN_CHOICES,
     return best
 
 
+def _decode_rows(seqs, I: int, NB: int, HB: int, bs: int, T: int):
+    """The per-sequence part of build_attention_plan for a decode step (one
+    query per sequence, tiles of one row), vectorized over the sequences:
+    (slots, positions, tile_rows [n, 1], item tile, block, key start).
+    None when a sequence is invalid: the per-sequence loop then raises the
+    error that names it."""
+    n = len(seqs)
+    inst = np.fromiter((s.instance for s in seqs), np.int64, n)
+    row = np.fromiter((s.row for s in seqs), np.int64, n)
+    pos = np.fromiter((s.positions[0] for s in seqs), np.int64, n)
+    needed = pos // bs + 1
+    lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
+    rows = inst * T + row
+    if not (np.all((inst >= 0) & (inst < I) & (row >= 0) & (row < T) & (pos >= 0) & (lens >= needed))
+            and len(np.unique(rows)) == n):
+        return None
+    table = np.concatenate([np.asarray(s.block_table[:k], np.int64)
+                            for s, k in zip(seqs, needed.tolist())])
+    ends = np.cumsum(needed)
+    written = table[ends - 1]
+    if table.min() < 0 or table.max() >= I * (NB + HB) or written.max() >= I * NB:
+        return None
+    slots = np.full(I * T, -1, np.int32)
+    positions = np.full(I * T, -1, np.int32)
+    positions[rows] = pos
+    slots[rows] = written * bs + pos % bs
+    it = np.repeat(np.arange(n, dtype=np.int32), needed)
+    ks = ((np.arange(len(table)) - np.repeat(ends - needed, needed)) * bs).astype(np.int32)
+    return slots, positions, rows.astype(np.int32)[:, None], it, table.astype(np.int32), ks
+
+
 def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_per_instance: int,
                          q_tile: int = 1, run: int | None = None, min_runs: int = 8,
                          min_tiles: int = 8, run_choices: Sequence[int] = RUN_CHOICES) -> AttentionPlan:
@@ -163,7 +194,9 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
     item_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     rows_used = np.zeros((I, T), bool)
 
-    for n, s in enumerate(seqs):
+    decode = q_tile == 1 and len(seqs) > 0 and all(len(s.positions) == 1 for s in seqs)
+    fast = _decode_rows(seqs, I, NB, HB, bs, T) if decode else None
+    for n, s in enumerate(seqs if fast is None else ()):
         pos = np.asarray(s.positions, np.int64)
         table = np.asarray(s.block_table, np.int64)
         count = len(pos)
@@ -205,15 +238,17 @@ def build_attention_plan(seqs: Sequence[SeqQuery], geom: PoolGeometry, tokens_pe
             item_parts.append((np.full(blocks, tile, np.int32), table32[:blocks],
                                kstart32[:blocks]))
 
-    n_tiles = bucket(len(tiles), min_tiles)
-    tile_rows = np.full((n_tiles, q_tile), -1, np.int32)
-    if tiles:
-        tile_rows[:len(tiles)] = np.stack(tiles)
-
-    if item_parts:
-        it, gb, ks = (np.concatenate(c) for c in zip(*item_parts))
+    if fast is not None:
+        slots, positions, tile_arr, it, gb, ks = fast
     else:
-        it = gb = ks = np.zeros(0, np.int32)
+        tile_arr = np.stack(tiles) if tiles else np.zeros((0, q_tile), np.int32)
+        if item_parts:
+            it, gb, ks = (np.concatenate(c) for c in zip(*item_parts))
+        else:
+            it = gb = ks = np.zeros(0, np.int32)
+    n_tiles = bucket(len(tile_arr), min_tiles)
+    tile_rows = np.full((n_tiles, q_tile), -1, np.int32)
+    tile_rows[:len(tile_arr)] = tile_arr
     overhead = RUN_OVERHEAD_DECODE if q_tile == 1 else RUN_OVERHEAD_PREFILL
     on_host = gb >= I * NB
     any_host = bool(on_host.any())

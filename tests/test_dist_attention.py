@@ -1,6 +1,7 @@
 """DistAttention over simulated CPU meshes against float64 dense attention,
 for random block placements drawn by hypothesis."""
 
+import dataclasses
 import functools
 import math
 
@@ -209,6 +210,46 @@ def test_plan_work_is_proportional_to_blocks():
         build_attention_plan([SeqQuery(0, 0, [999], [0])], geom, 4)
     with pytest.raises(ValueError, match="exceed 4 rows"):
         build_attention_plan([SeqQuery(0, 2, [1, 2, 3], [0])], geom, 4)
+
+
+def test_decode_plan_equals_the_per_sequence_loop(monkeypatch):
+    """Decode steps (one query per sequence) build their rows and items
+    vectorized over the sequences: the plan is identical, array for array,
+    to the per-sequence loop's (random tables with host blocks, instances,
+    rows, run lengths), and invalid sequences get the loop's errors."""
+    from distkv_jax import attention_plan as ap
+
+    rng = np.random.default_rng(7)
+    geom = PoolGeometry(4, 50, 16, 10)
+    for trial in range(40):
+        n = int(rng.integers(1, 24))
+        slots = rng.permutation(4 * 8)[:n]  # distinct (instance, row) pairs, 8 rows each
+        seqs = []
+        for k in range(n):
+            pos = int(rng.integers(0, 700))
+            need = pos // 16 + 1
+            table = rng.integers(0, 4 * 60, size=need + int(rng.integers(0, 3))).tolist()
+            table[need - 1] = int(rng.integers(0, 200))  # the written block: on a device
+            seqs.append(SeqQuery(int(slots[k] // 8), int(slots[k] % 8), range(pos, pos + 1), table))
+        assert ap._decode_rows(seqs, 4, 50, 10, 16, 8) is not None  # the vectorized path
+        fast = build_attention_plan(seqs, geom, 8, run=None if trial % 2 else 4)
+        with monkeypatch.context() as m:
+            m.setattr(ap, "_decode_rows", lambda *a: None)
+            slow = build_attention_plan(seqs, geom, 8, run=None if trial % 2 else 4)
+        for f in dataclasses.fields(slow):
+            a, b = getattr(fast, f.name), getattr(slow, f.name)
+            if isinstance(b, np.ndarray):
+                assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+            else:
+                assert a == b, f.name
+    with pytest.raises(ValueError, match="overlap"):
+        build_attention_plan([SeqQuery(0, 1, [3], [0]), SeqQuery(0, 1, [5], [1])], geom, 8)
+    with pytest.raises(ValueError, match="needs 2"):
+        build_attention_plan([SeqQuery(0, 0, [3], [0]), SeqQuery(1, 0, [20], [1])], geom, 8)
+    with pytest.raises(ValueError, match="must go to device blocks"):
+        build_attention_plan([SeqQuery(0, 0, [3], [0]), SeqQuery(1, 0, [3], [210])], geom, 8)
+    with pytest.raises(ValueError, match="outside"):
+        build_attention_plan([SeqQuery(5, 0, [3], [0])], geom, 8)
 
 
 def test_host_pool_stays_in_host_memory():
