@@ -14,7 +14,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .dist_attention import DistAttentionConfig, DistMeta, make_dist_attention
-from .kernels.dense import PACKED_IMPLS, dense
+from .kernels.dense import PACKED_IMPLS, dense, dense_silu_mul
 from .kv_pool import PagedKVCache, PoolLayout
 from .mesh import INST, TP
 from .models.config import ModelConfig
@@ -33,16 +33,16 @@ def packed_dense_fn(mesh: Mesh, impl: str):
     partition, so on a mesh it runs per device under shard_map: each
     instance's rows (the leading axis, sharded over `inst`) times the
     replicated weights (tp = 1)."""
-    def local(x, packed, n):
-        return dense(x, packed, n, impl)
+    def local(x, packed, n, silu_mul=False):
+        return (dense_silu_mul if silu_mul else dense)(x, packed, n, impl)
 
     if mesh.size == 1:
         return local
 
-    def fn(x, packed, n):
+    def fn(x, packed, n, silu_mul=False):
         spec = P(INST, *([None] * (x.ndim - 1)))
-        return jax.shard_map(lambda xl, wl: local(xl, wl, n), mesh=mesh, in_specs=(spec, P()),
-                             out_specs=spec, check_vma=False)(x, packed)
+        return jax.shard_map(lambda xl, wl: local(xl, wl, n, silu_mul), mesh=mesh,
+                             in_specs=(spec, P()), out_specs=spec, check_vma=False)(x, packed)
 
     return fn
 

@@ -83,6 +83,57 @@ def dense_native(x, packed, n: int):
     return y.reshape(*lead, n)
 
 
+def silu_mul(gate, up):
+    """silu(gate) * up with PyTorch's roundings in a narrow dtype: silu
+    computed in float32 and rounded once, then the product rounded once.
+    (XLA's bfloat16 silu rounds inside the sigmoid as well, and XLA:CPU ran
+    it ~1.9x slower: 0.95 against 0.51 ms on 512 x 1,408.)"""
+    if gate.dtype == jnp.float32:
+        return jax.nn.silu(gate) * up
+    f32 = jnp.float32
+    s = jax.nn.silu(gate.astype(f32)).astype(gate.dtype)
+    return (s.astype(f32) * up.astype(f32)).astype(jnp.result_type(gate, up))
+
+
+def pack_gate_up(gate_packed, up_packed):
+    """The MLP's gate and up kernels, both packed ([..., P, Kp, 32, 2]), as
+    one array whose panels alternate gate, up ([..., 2P, Kp, 32, 2]): the
+    fused kernel reads gate panel p and up panel p one after the other."""
+    if gate_packed.shape != up_packed.shape:
+        raise ValueError(f"gate and up kernels differ in shape: {gate_packed.shape} and "
+                         f"{up_packed.shape}")
+    xp = np if isinstance(gate_packed, np.ndarray) else jnp
+    both = xp.stack([gate_packed, up_packed], axis=-4)  # [..., P, 2, Kp, 32, 2]
+    return both.reshape(*gate_packed.shape[:-4], 2 * gate_packed.shape[-4],
+                        *gate_packed.shape[-3:])
+
+
+def silu_mul_reference(x, gate_up, n: int):
+    """silu(x @ gate) * (x @ up) from pack_gate_up's array, each product
+    rounded once to x's dtype, then `silu_mul`."""
+    return silu_mul(dense_reference(x, gate_up[0::2], n), dense_reference(x, gate_up[1::2], n))
+
+
+def silu_mul_native(x, gate_up, n: int):
+    """The same contract from dense_cpu.cc in one call: each row block's gate
+    and up panels stay in L1 and only silu(gate) * up is written."""
+    if not native.available():
+        raise RuntimeError(f"the native dense kernel is unavailable: {native.error()}")
+    if x.dtype != jnp.bfloat16 or gate_up.dtype != jnp.bfloat16:
+        raise ValueError(f"native dense takes bfloat16 x and weights, got {x.dtype} and "
+                         f"{gate_up.dtype}")
+    k = x.shape[-1]
+    p, kp, panel, two = packed_shape(k, n)
+    if gate_up.shape != (2 * p, kp, panel, two):
+        raise ValueError(f"packed gate/up {gate_up.shape} do not match x [..., {k}] and n={n} "
+                         f"(expected {(2 * p, kp, panel, two)})")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    out = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
+    y = jax.ffi.ffi_call(native.SILU_MUL_TARGET, out)(x.reshape(rows, k), gate_up)
+    return y.reshape(*lead, n)
+
+
 def dense(x, packed, n: int, impl: str = "auto"):
     """x [..., K] @ w [K, n] from packed w; impl "native", "reference" or
     "auto" (native where it is built)."""
@@ -92,6 +143,17 @@ def dense(x, packed, n: int, impl: str = "auto"):
         return dense_native(x, packed, n)
     if impl == "reference":
         return dense_reference(x, packed, n)
+    raise ValueError(f"dense impl must be 'auto', 'native' or 'reference', got {impl!r}")
+
+
+def dense_silu_mul(x, gate_up, n: int, impl: str = "auto"):
+    """silu(x @ gate) * (x @ up) [..., n] from pack_gate_up's array; impl as `dense`."""
+    if impl == "auto":
+        impl = "native" if native.available() else "reference"
+    if impl == "native":
+        return silu_mul_native(x, gate_up, n)
+    if impl == "reference":
+        return silu_mul_reference(x, gate_up, n)
     raise ValueError(f"dense impl must be 'auto', 'native' or 'reference', got {impl!r}")
 
 

@@ -35,6 +35,7 @@
 #endif
 
 #include "cpu_parallel.h"
+#include "cpu_vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -43,24 +44,48 @@ namespace {
 
 constexpr int64_t kPanel = 32;  // columns per packed panel
 
-inline float bf16_to_f32(uint16_t x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
-}
-
-// float32 -> bfloat16, round to nearest even (NaN kept a quiet NaN), as XLA's convert.
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u = __builtin_bit_cast(uint32_t, f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using distkv::bf16_to_f32;
+using distkv::f32_to_bf16;
 
 struct Geometry {
   int64_t M, K, N;
   const uint16_t* x;  // [M, K]
-  const uint16_t* w;  // packed [ceil(N / 32), ceil(K / 2), 32, 2]
+  const uint16_t* w;  // packed [ceil(N / 32), ceil(K / 2), 32, 2] (silu_mul: 2x the panels)
   uint16_t* y;        // [M, N]
 };
+
+// The MLP's silu(gate) * up with PyTorch's bfloat16 roundings
+// (models.llama.silu_mul): gate and up are the bfloat16-rounded products;
+// silu is computed in float32 and rounded once, then the product rounded
+// once. sigmoid(g) from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, else
+// e / (1 + e) (no overflow). 16 values of one row at a time.
+inline distkv::f16v bf16x16(const uint16_t* p) {
+  uint16_t h[16];
+  __builtin_memcpy(h, p, sizeof h);
+  distkv::i16v bits;
+  for (int j = 0; j < 16; ++j) bits[j] = static_cast<int32_t>(static_cast<uint32_t>(h[j]) << 16);
+  return (distkv::f16v)bits;  // the same bits
+}
+
+inline distkv::f16v round_bf16x16(distkv::f16v v) {  // to nearest even (finite values)
+  distkv::i16v u = (distkv::i16v)v;
+  u = (u + 0x7fff + ((u >> 16) & 1)) & ~0xffff;
+  return (distkv::f16v)u;
+}
+
+void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t cols) {
+  using distkv::f16v;
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const f16v gv = bf16x16(g + j0), uv = bf16x16(u + j0);
+    const f16v neg = gv < 0.0f ? gv : -gv;  // -|g|
+    const f16v e = distkv::exp_nonpos16(neg);
+    const f16v sig = (gv >= 0.0f ? f16v{} + 1.0f : e) / (1.0f + e);
+    const f16v out = round_bf16x16(round_bf16x16(gv * sig) * uv);
+    const int64_t n = std::min<int64_t>(16, cols - j0);
+    for (int64_t j = 0; j < n; ++j)
+      y[j0 + j] = static_cast<uint16_t>(__builtin_bit_cast(uint32_t, out[j]) >> 16);
+  }
+}
 
 #ifdef DISTKV_DPBF16
 
@@ -122,16 +147,27 @@ void panel_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* wp, 
   }
 }
 
-// Rows [m0, m1) x panels [p0, p1). Panel outer: the panel (K x 64 bytes)
-// stays in L1/L2 while the row blocks reuse it.
+// Rows [m0, m1) x panels [p0, p1) of y. Panel outer: the panel (K x 64
+// bytes) stays in L1/L2 while the row blocks reuse it. SiluMul: panel p of y
+// is silu(gate panel 2p) * (up panel 2p + 1), both kept in L1 per row block.
+template <bool SiluMul>
 void run(const Geometry& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t pairs = (g.K + 1) / 2;
+  const int64_t stride = (g.K + 1) / 2 * 2 * kPanel;  // elements per packed panel
+  alignas(64) uint16_t gate[SiluMul ? kRows * kPanel : 1], up[SiluMul ? kRows * kPanel : 1];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t cols = std::min<int64_t>(kPanel, g.N - p * kPanel);
-    const uint16_t* wp = g.w + p * pairs * 2 * kPanel;
-    for (int64_t m = m0; m < m1; m += kRows)
-      panel_rows(std::min<int64_t>(kRows, m1 - m), g.x + m * g.K, g.K, wp,
-                 g.y + m * g.N + p * kPanel, g.N, cols);
+    for (int64_t m = m0; m < m1; m += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, m1 - m);
+      if constexpr (SiluMul) {
+        panel_rows(rows, g.x + m * g.K, g.K, g.w + 2 * p * stride, gate, kPanel, kPanel);
+        panel_rows(rows, g.x + m * g.K, g.K, g.w + (2 * p + 1) * stride, up, kPanel, kPanel);
+        for (int64_t r = 0; r < rows; ++r)
+          silu_mul_row(gate + r * kPanel, up + r * kPanel, g.y + (m + r) * g.N + p * kPanel, cols);
+      } else {
+        panel_rows(rows, g.x + m * g.K, g.K, g.w + p * stride, g.y + m * g.N + p * kPanel, g.N,
+                   cols);
+      }
+    }
   }
 }
 
@@ -139,21 +175,34 @@ void run(const Geometry& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
 
 typedef float f32v __attribute__((vector_size(128)));
 
+// One row of x times one packed panel -> 32 bfloat16 values.
+void panel_row(const uint16_t* x, int64_t K, const uint16_t* wp, uint16_t* out) {
+  f32v acc = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const uint16_t* row = wp + (k / 2) * 2 * kPanel + (k & 1);
+    f32v wv;
+    for (int64_t j = 0; j < kPanel; ++j) wv[j] = bf16_to_f32(row[2 * j]);
+    acc += bf16_to_f32(x[k]) * wv;
+  }
+  for (int64_t j = 0; j < kPanel; ++j) out[j] = f32_to_bf16(acc[j]);
+}
+
+template <bool SiluMul>
 void run(const Geometry& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t pairs = (g.K + 1) / 2;
+  const int64_t stride = (g.K + 1) / 2 * 2 * kPanel;
+  uint16_t a[kPanel], b[kPanel];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t cols = std::min<int64_t>(kPanel, g.N - p * kPanel);
-    const uint16_t* wp = g.w + p * pairs * 2 * kPanel;
     for (int64_t m = m0; m < m1; ++m) {
-      const uint16_t* x = g.x + m * g.K;
-      f32v acc = {};
-      for (int64_t k = 0; k < g.K; ++k) {
-        const uint16_t* row = wp + (k / 2) * 2 * kPanel + (k & 1);
-        f32v wv;
-        for (int64_t j = 0; j < kPanel; ++j) wv[j] = bf16_to_f32(row[2 * j]);
-        acc += bf16_to_f32(x[k]) * wv;
+      uint16_t* y = g.y + m * g.N + p * kPanel;
+      if constexpr (SiluMul) {
+        panel_row(g.x + m * g.K, g.K, g.w + 2 * p * stride, a);
+        panel_row(g.x + m * g.K, g.K, g.w + (2 * p + 1) * stride, b);
+        silu_mul_row(a, b, y, cols);
+      } else {
+        panel_row(g.x + m * g.K, g.K, g.w + p * stride, a);
+        for (int64_t j = 0; j < cols; ++j) y[j] = a[j];
       }
-      for (int64_t j = 0; j < cols; ++j) g.y[m * g.N + p * kPanel + j] = f32_to_bf16(acc[j]);
     }
   }
 }
@@ -165,6 +214,7 @@ constexpr int kRows = 8;
 // Below this many multiply-adds a task's hand-off costs more than it saves.
 constexpr int64_t kMacsPerPart = int64_t{1} << 19;
 
+template <bool SiluMul>
 ffi::Error dense_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::BF16> y) {
   const auto xd = x.dimensions();
@@ -174,7 +224,8 @@ ffi::Error dense_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
     return ffi::Error::InvalidArgument("dense: x [M, K], packed w [Np, Kp, 32, 2], y [M, N]");
   const int64_t M = xd[0], K = xd[1], N = yd[1];
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  if (yd[0] != M || wd[0] != panels || wd[1] != (K + 1) / 2 || wd[2] != kPanel || wd[3] != 2)
+  if (yd[0] != M || wd[0] != (SiluMul ? 2 : 1) * panels || wd[1] != (K + 1) / 2 ||
+      wd[2] != kPanel || wd[3] != 2)
     return ffi::Error::InvalidArgument("dense: packed w does not match x [M, K] and y [M, N]");
   const Geometry g{M, K, N, reinterpret_cast<const uint16_t*>(x.untyped_data()),
                    reinterpret_cast<const uint16_t*>(w.untyped_data()),
@@ -183,10 +234,11 @@ ffi::Error dense_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   // two parts per thread, claimed dynamically (a thread slowed by the host's
   // own work takes fewer), none smaller than kMacsPerPart
+  const int64_t macs = (SiluMul ? 2 : 1) * M * std::max<int64_t>(K, 1) * N;
   const int64_t parts = std::min({distkv::thread_cap(), 2 * workers,
-                                  std::max<int64_t>(1, M * std::max<int64_t>(K, 1) * N / kMacsPerPart)});
+                                  std::max<int64_t>(1, macs / kMacsPerPart)});
   if (parts <= 1) {
-    run(g, 0, M, 0, panels);
+    run<SiluMul>(g, 0, M, 0, panels);
     return ffi::Error::Success();
   }
   // panels first (each weight read once); rows too when panels are too few
@@ -197,7 +249,7 @@ ffi::Error dense_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
     const int64_t c = part / row_parts, r = part % row_parts;
     const int64_t m0 = blocks * r / row_parts * kRows;
     const int64_t m1 = std::min(M, blocks * (r + 1) / row_parts * kRows);
-    run(g, m0, m1, panels * c / col_parts, panels * (c + 1) / col_parts);
+    run<SiluMul>(g, m0, m1, panels * c / col_parts, panels * (c + 1) / col_parts);
   });
   return ffi::Error::Success();
 }
@@ -214,9 +266,13 @@ extern "C" int DistkvDenseVectorized() {
 #endif
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvDenseBF16, dense_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+#define DISTKV_DENSE_BIND                   \
+  ffi::Ffi::Bind()                          \
+      .Ctx<ffi::ThreadPool>()               \
+      .Arg<ffi::Buffer<ffi::BF16>>()        \
+      .Arg<ffi::Buffer<ffi::BF16>>()        \
+      .Ret<ffi::Buffer<ffi::BF16>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvDenseBF16, dense_impl<false>, DISTKV_DENSE_BIND);
+// silu(x @ gate) * (x @ up) over gate and up packed panel by panel (dense.py's pack_gate_up)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistkvDenseSiluMulBF16, dense_impl<true>, DISTKV_DENSE_BIND);

@@ -29,7 +29,7 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_HERE, name) for name in ("micro_attention_cpu.cc", "dense_cpu.cc"))
-_HEADERS = (os.path.join(_HERE, "cpu_parallel.h"),)
+_HEADERS = tuple(os.path.join(_HERE, name) for name in ("cpu_parallel.h", "cpu_vec.h"))
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC", "-pthread")
 # $DISTKV_NATIVE_PORTABLE=1: the dense kernel's portable loop even where the
 # CPU has AVX512_BF16 (its tests run it so)
@@ -42,8 +42,9 @@ _TARGETS = {jnp.dtype(jnp.float32): ("distkv_micro_attention_f32", "DistkvMicroA
             jnp.dtype(jnp.bfloat16): ("distkv_micro_attention_bf16", "DistkvMicroAttentionBF16"),
             # bfloat16 bits stored as uint16 (kv_pool.storage_dtype): the same kernel
             jnp.dtype(jnp.uint16): ("distkv_micro_attention_bf16bits", "DistkvMicroAttentionBF16Bits")}
-DENSE_TARGET = "distkv_dense_bf16"  # kernels/dense.py calls it
-_DENSE = (DENSE_TARGET, "DistkvDenseBF16")
+DENSE_TARGET = "distkv_dense_bf16"  # kernels/dense.py calls them
+SILU_MUL_TARGET = "distkv_dense_silu_mul_bf16"
+_DENSE = ((DENSE_TARGET, "DistkvDenseBF16"), (SILU_MUL_TARGET, "DistkvDenseSiluMulBF16"))
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "error", once tried
@@ -108,7 +109,7 @@ def _load() -> None:
             return
         try:
             lib = ctypes.cdll.LoadLibrary(_build())
-            for target, symbol in (*_TARGETS.values(), _DENSE):
+            for target, symbol in (*_TARGETS.values(), *_DENSE):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                             platform="cpu")
             _state["lib"] = lib

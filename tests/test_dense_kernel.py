@@ -107,12 +107,70 @@ for m, k, n in [(9, 130, 100), (1, 7, 33), (17, 64, 64)]:
     xf, wf = np.asarray(x, np.float64), np.asarray(w, np.float64)
     exact = xf @ wf
     assert np.all(np.abs(y - exact) <= 2.0 ** -8 * np.abs(exact) + 1e-6 * (np.abs(xf) @ np.abs(wf))), (m, k, n)
+    # the fused MLP activation: the same as the two layers and silu_mul
+    u = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
+    fused = D.silu_mul_native(x, D.pack_gate_up(D.pack(w), D.pack(u)), n)
+    sep = D.silu_mul(D.dense_native(x, D.pack(w), n), D.dense_native(x, D.pack(u), n))
+    assert np.array_equal(np.asarray(fused), np.asarray(sep)), (m, k, n)
 print("ok")
 """
     env = dict(os.environ, **{native.PORTABLE_ENV: "1"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def _silu_mul_f64(x, wg, wu):
+    """The fused MLP activation from float64 products: each product rounded
+    to bfloat16 (as the unfused layers round them), silu in float64 rounded
+    to bfloat16, the product rounded to bfloat16."""
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    xf = np.asarray(x, np.float64)
+    g, u = bf(xf @ np.asarray(wg, np.float64)), bf(xf @ np.asarray(wu, np.float64))
+    return bf(bf(g / (1 + np.exp(-g))) * u)
+
+
+SILU_SHAPES = [(1, 64, 32), (9, 130, 100), (16, 512, 1408), (37, 513, 100), (300, 96, 33)]
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("shape", SILU_SHAPES)
+def test_fused_silu_mul_matches_float64(shape, impl):
+    """dense_silu_mul over pack_gate_up's array: silu(x @ gate) * (x @ up)
+    with PyTorch's bfloat16 roundings, within a bfloat16 step or two of the
+    float64 model of those roundings (each product may round the other way
+    after float32 accumulation); native and reference agree bit for bit
+    except where their float32 sums differ."""
+    m, k, n = shape
+    x, wg = _case(m, k, n, seed=5)
+    _, wu = _case(m, k, n, seed=6)
+    gate_up = D.pack_gate_up(D.pack(wg), D.pack(wu))
+    y = jax.jit(D.dense_silu_mul, static_argnums=(2, 3))(x, gate_up, n, impl)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    want = _silu_mul_f64(x, wg, wu)
+    err = np.abs(np.asarray(y, np.float64) - want)
+    assert np.all(err <= 2.0 ** -6 * np.abs(want) + 1e-6), np.max(err)
+    assert np.mean(err <= 2.0 ** -8 * np.abs(want) + 1e-30) > 0.97
+    if impl == "native":  # the fused call equals the two layers and silu_mul
+        sep = D.silu_mul(D.dense(x, D.pack(wg), n, "native"), D.dense(x, D.pack(wu), n, "native"))
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(sep))
+
+
+def test_pack_gate_up_alternates_panels():
+    _, wg = _case(1, 70, 100, seed=1)
+    _, wu = _case(1, 70, 100, seed=2)
+    pg, pu = D.pack(wg), D.pack(wu)
+    both = D.pack_gate_up(pg, pu)
+    assert both.shape == (2 * pg.shape[0],) + pg.shape[1:]
+    np.testing.assert_array_equal(np.asarray(both[0::2]), np.asarray(pg))
+    np.testing.assert_array_equal(np.asarray(both[1::2]), np.asarray(pu))
+    stacked = D.pack_gate_up(jnp.stack([pg, pg]), jnp.stack([pu, pu]))  # scanned layers
+    np.testing.assert_array_equal(np.asarray(stacked[1]), np.asarray(both))
+    with pytest.raises(ValueError, match="differ in shape"):
+        D.pack_gate_up(pg, pu[:1])
+    if native.available():
+        with pytest.raises(ValueError, match="do not match"):
+            D.silu_mul_native(_case(2, 70, 100)[0], pg, 100)
 
 
 def test_resolve_impl():
