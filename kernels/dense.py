@@ -65,22 +65,29 @@ def dense_reference(x, packed, n: int):
     return y.astype(jnp.result_type(x, packed))
 
 
-def dense_native(x, packed, n: int):
-    """The same contract from dense_cpu.cc (bfloat16 x and packed weights)."""
+def _native_call(target: str, x, packed, n: int, expected: tuple, what: str):
+    """x [..., K] (bfloat16) and packed bfloat16 weights of shape `expected`
+    through the native target -> [..., n] bfloat16."""
     if not native.available():
         raise RuntimeError(f"the native dense kernel is unavailable: {native.error()}")
     if x.dtype != jnp.bfloat16 or packed.dtype != jnp.bfloat16:
         raise ValueError(f"native dense takes bfloat16 x and weights, got {x.dtype} and "
                          f"{packed.dtype}")
     k = x.shape[-1]
-    if packed.shape != packed_shape(k, n):
-        raise ValueError(f"packed weights {packed.shape} do not match x [..., {k}] and "
-                         f"n={n} (expected {packed_shape(k, n)})")
+    if packed.shape != expected:
+        raise ValueError(f"{what} {packed.shape} do not match x [..., {k}] and n={n} "
+                         f"(expected {expected})")
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
     out = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
-    y = jax.ffi.ffi_call(native.DENSE_TARGET, out)(x.reshape(rows, k), packed)
+    y = jax.ffi.ffi_call(target, out)(x.reshape(rows, k), packed)
     return y.reshape(*lead, n)
+
+
+def dense_native(x, packed, n: int):
+    """The same contract from dense_cpu.cc (bfloat16 x and packed weights)."""
+    return _native_call(native.DENSE_TARGET, x, packed, n, packed_shape(x.shape[-1], n),
+                        "packed weights")
 
 
 def silu_mul(gate, up):
@@ -117,44 +124,30 @@ def silu_mul_reference(x, gate_up, n: int):
 def silu_mul_native(x, gate_up, n: int):
     """The same contract from dense_cpu.cc in one call: each row block's gate
     and up panels stay in L1 and only silu(gate) * up is written."""
-    if not native.available():
-        raise RuntimeError(f"the native dense kernel is unavailable: {native.error()}")
-    if x.dtype != jnp.bfloat16 or gate_up.dtype != jnp.bfloat16:
-        raise ValueError(f"native dense takes bfloat16 x and weights, got {x.dtype} and "
-                         f"{gate_up.dtype}")
-    k = x.shape[-1]
-    p, kp, panel, two = packed_shape(k, n)
-    if gate_up.shape != (2 * p, kp, panel, two):
-        raise ValueError(f"packed gate/up {gate_up.shape} do not match x [..., {k}] and n={n} "
-                         f"(expected {(2 * p, kp, panel, two)})")
-    lead = x.shape[:-1]
-    rows = int(np.prod(lead, dtype=np.int64))
-    out = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
-    y = jax.ffi.ffi_call(native.SILU_MUL_TARGET, out)(x.reshape(rows, k), gate_up)
-    return y.reshape(*lead, n)
+    p, kp, panel, two = packed_shape(x.shape[-1], n)
+    return _native_call(native.SILU_MUL_TARGET, x, gate_up, n, (2 * p, kp, panel, two),
+                        "packed gate/up")
+
+
+def _pick(impl: str, native_fn, reference_fn):
+    if impl == "auto":
+        impl = "native" if native.available() else "reference"
+    if impl == "native":
+        return native_fn
+    if impl == "reference":
+        return reference_fn
+    raise ValueError(f"dense impl must be 'auto', 'native' or 'reference', got {impl!r}")
 
 
 def dense(x, packed, n: int, impl: str = "auto"):
     """x [..., K] @ w [K, n] from packed w; impl "native", "reference" or
     "auto" (native where it is built)."""
-    if impl == "auto":
-        impl = "native" if native.available() else "reference"
-    if impl == "native":
-        return dense_native(x, packed, n)
-    if impl == "reference":
-        return dense_reference(x, packed, n)
-    raise ValueError(f"dense impl must be 'auto', 'native' or 'reference', got {impl!r}")
+    return _pick(impl, dense_native, dense_reference)(x, packed, n)
 
 
 def dense_silu_mul(x, gate_up, n: int, impl: str = "auto"):
     """silu(x @ gate) * (x @ up) [..., n] from pack_gate_up's array; impl as `dense`."""
-    if impl == "auto":
-        impl = "native" if native.available() else "reference"
-    if impl == "native":
-        return silu_mul_native(x, gate_up, n)
-    if impl == "reference":
-        return silu_mul_reference(x, gate_up, n)
-    raise ValueError(f"dense impl must be 'auto', 'native' or 'reference', got {impl!r}")
+    return _pick(impl, silu_mul_native, silu_mul_reference)(x, gate_up, n)
 
 
 def resolve_impl(impl: str, platform: str, dtype, tp: int) -> str:

@@ -189,19 +189,13 @@ struct LaneTile {
   std::vector<int32_t> lo, hi; // per row block: smallest and largest real position
 };
 
-// One chunk of n <= 16 keys of one block for one row block of one KV head.
-template <typename T, int DC, int NC>
-inline void lanes_chunk(const float* __restrict qt, const T* kb, const T* vb, int64_t key_stride,
-                        int64_t n_rt, int64_t kpos0, const int32_t* pos, bool mask, float* mp,
-                        float* lp, float* __restrict acc, int64_t head_dim) {
-  const int64_t D = DC ? DC : head_dim, n = NC ? NC : n_rt;
-  f16v sc[kLanes];
-  for (int64_t j = 0; j < n; ++j) sc[j] = f16v{};
-  for (int64_t d = 0; d < D; ++d) {  // scores: one broadcast key element per FMA
-    const f16v qd = load16(qt + d * kLanes);
-    for (int64_t j = 0; j < n; ++j) sc[j] += qd * load(kb[j * key_stride + d]);
-  }
-  if (mask) {  // causal: key position > row position
+// The online softmax of one chunk of n <= 16 keys (scores sc[j], a lane per
+// row): the causal mask (key position > row position), the running max m
+// and sum l at mp, lp updated; sc[j] becomes exp(score - new max). Returns
+// the factor the accumulators are rescaled by.
+inline f16v lanes_softmax(f16v* sc, int64_t n, int64_t kpos0, const int32_t* pos, bool mask,
+                          float* mp, float* lp) {
+  if (mask) {
     i16v pv;
     __builtin_memcpy(&pv, pos, sizeof pv);
     for (int64_t j = 0; j < n; ++j)
@@ -221,6 +215,22 @@ inline void lanes_chunk(const float* __restrict qt, const T* kb, const T* vb, in
   }
   store16(mp, m_new);
   store16(lp, load16(lp) * a + sum);
+  return a;
+}
+
+// One chunk of n <= 16 keys of one block for one row block of one KV head.
+template <typename T, int DC, int NC>
+inline void lanes_chunk(const float* __restrict qt, const T* kb, const T* vb, int64_t key_stride,
+                        int64_t n_rt, int64_t kpos0, const int32_t* pos, bool mask, float* mp,
+                        float* lp, float* __restrict acc, int64_t head_dim) {
+  const int64_t D = DC ? DC : head_dim, n = NC ? NC : n_rt;
+  f16v sc[kLanes];
+  for (int64_t j = 0; j < n; ++j) sc[j] = f16v{};
+  for (int64_t d = 0; d < D; ++d) {  // scores: one broadcast key element per FMA
+    const f16v qd = load16(qt + d * kLanes);
+    for (int64_t j = 0; j < n; ++j) sc[j] += qd * load(kb[j * key_stride + d]);
+  }
+  const f16v a = lanes_softmax(sc, n, kpos0, pos, mask, mp, lp);
   for (int64_t d = 0; d < D; ++d) {  // values: one broadcast value element per FMA
     f16v ad = load16(acc + d * kLanes) * a;
     for (int64_t j = 0; j < n; ++j) ad += sc[j] * load(vb[j * key_stride + d]);
@@ -346,25 +356,7 @@ inline void lanes_chunk_dp(const uint32_t* __restrict qp, const uint16_t* kc,
   }
   f16v s[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) s[j] = (f16v)sc[j] * scale;
-  if (mask) {  // causal: key position > row position
-    i16v pv;
-    __builtin_memcpy(&pv, pos, sizeof pv);
-    for (int64_t j = 0; j < kLanes; ++j)
-      s[j] = (i16v{} + static_cast<int32_t>(kpos0 + j)) > pv ? f16v{} + kNegInf : s[j];
-  }
-  f16v mx = s[0];
-  for (int64_t j = 1; j < kLanes; ++j) mx = s[j] > mx ? s[j] : mx;
-  const f16v m_old = load16(mp);
-  const f16v m_new = mx > m_old ? mx : m_old;
-  const f16v m_use = m_new == kNegInf ? f16v{} : m_new;
-  const f16v a = exp_or_zero16(m_old - m_use);
-  f16v sum = {};
-  for (int64_t j = 0; j < kLanes; ++j) {
-    s[j] = exp_or_zero16(s[j] - m_use);
-    sum += s[j];
-  }
-  store16(mp, m_new);
-  store16(lp, load16(lp) * a + sum);
+  const f16v a = lanes_softmax(s, kLanes, kpos0, pos, mask, mp, lp);
   // probability pairs: bfloat16 (p[j], p[j+1]) per lane
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
                                               25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
