@@ -208,8 +208,8 @@ def pack_dense_kernels(variables, pack):
     """Every dense layer's "kernel" [K, N] (stacked: [L, K, N]) moved from
     "params" to the "packed" collection at the same path, as pack(kernel)
     (kernels/dense.py's layout; applied per layer to stacked kernels); an
-    MLP's gate_proj and up_proj without biases become one "gate_up" beside
-    them (dense.pack_gate_up)."""
+    MLP's gate_proj and up_proj without biases are replaced by one
+    "gate_up" (dense.pack_gate_up)."""
     def split(tree):
         params, packed = {}, {}
         for name, value in tree.items():
