@@ -11,7 +11,9 @@ pair dot products, each panel one contiguous stream). `dense(x, packed, n)`
 computes x [..., K] @ w in bfloat16 with float32 accumulation, rounded once,
 as the model's unpacked bfloat16 layers do. Two implementations share the
 signature: the native kernel (impl="native") and a jnp reference that
-unpacks and multiplies (impl="reference").
+unpacks and multiplies (impl="reference"). `dense_silu_mul` does the same
+for an MLP's gate and up packed together (`pack_gate_up`): one call, whose
+result is silu(x @ gate) * (x @ up) with PyTorch's bfloat16 roundings.
 
 The engine's `dense_impl` (`resolve_impl`): "xla" keeps the weights as they
 are (XLA's dot); "native" and "reference" pack them; "auto" is "native" for

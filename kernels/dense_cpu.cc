@@ -20,8 +20,13 @@
 // AVX512_BF16 a portable loop (float32 FMAs on GCC vectors) computes the
 // same sums.
 //
+// A second target computes the MLP's silu(x @ gate) * (x @ up) in one call:
+// gate and up packed panel by panel (dense.py's pack_gate_up), both panels
+// of a row block kept in L1, only the activation written.
+//
 // Built with micro_attention_cpu.cc by kernels/native.py (-O3 -march=native)
-// and registered as the XLA FFI target "distkv_dense_bf16".
+// and registered as the XLA FFI targets "distkv_dense_bf16" and
+// "distkv_dense_silu_mul_bf16".
 
 #include <algorithm>
 #include <cstdint>
