@@ -1,1 +1,0 @@
-"""Attention kernels (installed as ``distkv_jax.kernels``)."""

@@ -1,1 +1,0 @@
-"""Flax Llama-family models and checkpoint loading (installed as ``distkv_jax.models``)."""
