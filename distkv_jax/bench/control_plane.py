@@ -58,6 +58,8 @@ flags.DEFINE_integer("engine_requests", 256, "--compare_engine: requests")
 flags.DEFINE_integer("engine_prompt", 64, "--compare_engine: prompt tokens per request")
 flags.DEFINE_integer("engine_new", 32, "--compare_engine: generated tokens per request")
 flags.DEFINE_string("output_json", "bench_results/control_plane.json", "where to write the result")
+flags.DEFINE_bool("quick", False, "tiny sizes (for the test suite): 32 requests, 32K tokens, "
+                  "4 instances, 5 steps; --compare_engine: 16 requests of 16 + 4 tokens")
 
 PARTS = ("schedule", "sampling", "meta", "advance")
 TOKEN = 5          # the token every sampled row "reads back"
@@ -219,6 +221,10 @@ def compare_engine(requests: int, prompt: int, new: int) -> dict:
 
 def main(argv) -> None:
     del argv
+    if FLAGS.quick:
+        FLAGS.requests, FLAGS.total_tokens, FLAGS.instances = 32, 1 << 15, 4
+        FLAGS.steps, FLAGS.warmup = 5, 1
+        FLAGS.engine_requests, FLAGS.engine_prompt, FLAGS.engine_new = 16, 16, 4
     if FLAGS.compare_engine:  # before anything starts JAX's backend
         from distkv_jax.mesh import simulate_cpu_devices
 
@@ -243,6 +249,7 @@ def main(argv) -> None:
         "remote_blocks_at_start": remote0,
         "steps": FLAGS.steps,
         "warmup": FLAGS.warmup,
+        "quick": FLAGS.quick,
         "setup_s": setup_s,
         **res,
         "python": platform.python_version(),
