@@ -37,6 +37,7 @@ from .output_processor import OutputProcessor
 from .outputs import RequestMetrics, RequestOutput
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
+from .policy import CLASSES
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 
 log = logging.getLogger("distkv_jax")
@@ -61,7 +62,8 @@ class Engine:
         self.kv = KVCacheManager(args.kv_cache_config(self.runner.layout.blocks_per_instance, salt))
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            prefill_q_tile=self.runner.prefill_q_tile), self.kv)
+            prefill_q_tile=self.runner.prefill_q_tile,
+            policy=args.policy_config(self.runner.layout.blocks_per_instance)), self.kv)
         kv_tokens = self.kv.max_request_tokens(0)
         self.max_model_len = args.context_limit(cfg.max_position_embeddings, kv_tokens,
                                                 cfg.sliding_window)
@@ -403,9 +405,12 @@ class Engine:
         steps (AsyncLLM does, on its engine thread)."""
         counts = {s: 0 for s in (RequestStatus.WAITING, RequestStatus.RUNNING,
                                  RequestStatus.SWAPPED)}
+        waiting_by_class = {c: 0 for c in CLASSES}
         for req in self.scheduler.requests.values():
             if req.status in counts:
                 counts[req.status] += 1
+            if req.status == RequestStatus.WAITING:
+                waiting_by_class[req.metrics.request_class] += 1
         kv = self.kv
         kc = kv.config
         ledger = kv.ledger()
@@ -446,6 +451,12 @@ class Engine:
             "kv_host_attended_blocks": kv.host_attended_blocks().tolist(),
             "kv_offloaded_blocks": kv.offloaded.tolist(),
             "kv_brought_back_blocks": kv.brought_back.tolist(),
+            # long and short requests together (policy.py): waiting requests
+            # by arrival class, steps that ran a long prefill chunk, and the
+            # blocks per instance a long request's growth leaves free
+            "num_waiting_by_class": waiting_by_class,
+            "long_prefill_steps": self.scheduler.long_prefill_steps,
+            "kv_blocks_reserved": self.scheduler.policy.config.short_reserve_blocks,
             "stats": dict(self.stats),
         }
 

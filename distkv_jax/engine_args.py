@@ -20,6 +20,7 @@ from typing import Any
 
 from .kv_types import POLICIES, KVCacheConfig
 from .mesh import MeshShape
+from .policy import PolicyConfig
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "native", "reference", "pallas")
@@ -58,6 +59,26 @@ class EngineArgs:
                                        "kv_blocks is not given")
     max_num_seqs: int = _field(64, "running sequences per instance")
     max_num_batched_tokens: int = _field(256, "tokens per step per instance")
+    long_prefill_token_threshold: int = _field(0, "a request whose remaining prefill is over "
+                                               "this many tokens is long (0: "
+                                               "max_num_batched_tokens); while other requests "
+                                               "are live a long prefill takes at most this many "
+                                               "rows a step, after decodes and short prefills")
+    long_prefill_min_tokens: int = _field(0, "rows a long prefill gets every step before short "
+                                          "prefills take theirs, so it always progresses (0: "
+                                          "a quarter of the threshold, at least a block)")
+    max_num_partial_prefills: int = _field(0, "most requests prefilling at once (0: "
+                                           "max_num_seqs); a new request over it waits, others "
+                                           "may pass it")
+    max_long_partial_prefills: int = _field(1, "most long requests prefilling at once; a new "
+                                            "long request over it waits while short ones pass")
+    admission_aging_steps: int = _field(64, "steps a waiting request may be passed over (for want "
+                                        "of KV) before nobody behind it is admitted; also the "
+                                        "steps a long prefill may wait on the reserve before "
+                                        "ignoring it")
+    short_reserve_blocks: int = _field(-1, "KV blocks per instance a long request's growth leaves "
+                                       "free for short requests (-1: the threshold's worth, at "
+                                       "most a quarter of an instance's blocks; 0: none)")
     max_model_len: int | None = _field(None, "most tokens (prompt + output) of one request "
                                        "(default: the model's max_position_embeddings, lowered "
                                        "to what the KV can hold)")
@@ -103,7 +124,19 @@ class EngineArgs:
                 raise _bad(name, getattr(self, name), "must be >= 1")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise _bad("kv_blocks", self.kv_blocks, "must be >= 1 (or None: sized from free memory)")
-        for name in ("host_kv_blocks", "migrate_tokens_per_step", "max_logprobs", "seed"):
+        for name in ("max_long_partial_prefills", "admission_aging_steps"):
+            if getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "must be >= 1")
+        if self.short_reserve_blocks < -1:
+            raise _bad("short_reserve_blocks", self.short_reserve_blocks,
+                       "must be >= 0 (or -1: derived)")
+        if self.max_num_partial_prefills and \
+                self.max_long_partial_prefills > self.max_num_partial_prefills:
+            raise _bad("max_long_partial_prefills", self.max_long_partial_prefills,
+                       f"must be <= max_num_partial_prefills ({self.max_num_partial_prefills})")
+        for name in ("host_kv_blocks", "migrate_tokens_per_step", "max_logprobs", "seed",
+                     "long_prefill_token_threshold", "long_prefill_min_tokens",
+                     "max_num_partial_prefills"):
             if getattr(self, name) < 0:
                 raise _bad(name, getattr(self, name), "must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -127,6 +160,18 @@ class EngineArgs:
                              migrate_tokens_per_step=self.migrate_tokens_per_step,
                              enable_prefix_caching=self.enable_prefix_caching,
                              cache_salt=cache_salt, host_attention=self.host_attention)
+
+    def policy_config(self, blocks_per_instance: int) -> PolicyConfig:
+        """The scheduling policy's settings, the derived defaults filled in."""
+        return PolicyConfig.resolve(
+            max_num_batched_tokens=self.max_num_batched_tokens, block_size=self.block_size,
+            blocks_per_instance=blocks_per_instance,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
+            long_prefill_min_tokens=self.long_prefill_min_tokens,
+            max_num_partial_prefills=self.max_num_partial_prefills,
+            max_long_partial_prefills=self.max_long_partial_prefills,
+            admission_aging_steps=self.admission_aging_steps,
+            short_reserve_blocks=self.short_reserve_blocks, max_num_seqs=self.max_num_seqs)
 
     def resolved_compile_cache_dir(self) -> str | None:
         d = self.compile_cache_dir

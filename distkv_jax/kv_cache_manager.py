@@ -457,21 +457,23 @@ class KVCacheManager:
         return np.asarray([m.num_evictable for m in self.gm.managers], np.int64)
 
     # ------------------------------------------------------------------ growth
-    def grow(self, rid: RequestId, n: int) -> GrowResult:
+    def grow(self, rid: RequestId, n: int, keep: int = 0) -> GrowResult:
         """Allocate slots for ``n`` new tokens of a running request (see
         ``_grow``)."""
         if self._step_state is not None:
-            return self._grow(rid, n)
+            return self._grow(rid, n, keep)
         # outside prepare_step: a state for this growth alone (no reclaim moves)
         self._step_state = _StepState(0)
         try:
-            return self._grow(rid, n)
+            return self._grow(rid, n, keep)
         finally:
             self.host.free(self._step_state.host_freed)
             self._step_state = None
 
-    def _grow(self, rid: RequestId, n: int) -> GrowResult:
+    def _grow(self, rid: RequestId, n: int, keep: int = 0) -> GrowResult:
         """Allocate slots for ``n`` new tokens of a running request.
+        ``keep``: device blocks its host offload leaves free for others (the
+        scheduler's reserve for short requests).
 
         When the home instance is short of free blocks but has lent some, the
         borrowers' blocks are moved away first (reclaim, within the step's
@@ -507,8 +509,8 @@ class KVCacheManager:
             self.reclaimed_moved[r.home] += len(moves)
         plan = CopyPlan("move", tuple(moves))
         offload: list[tuple[int, int]] = []
-        if need > 0 and self.config.host_attention and self.gm.available_for(r.home) < need:
-            offload = self._offload(r, need, st)
+        if need > 0 and self.config.host_attention and self.gm.available_for(r.home) < need + keep:
+            offload = self._offload(r, need + keep, st)
             if offload:
                 st.preempted = True  # device blocks were freed: no reclaim moves after this
         off_plan = CopyPlan("swap_out", tuple(offload))
@@ -787,11 +789,13 @@ class KVCacheManager:
         return CopyPlan("move", tuple(moves))
 
     # -------------------------------------------------------------------- step
-    def prepare_step(self, demands: Iterable[tuple[RequestId, int]]) -> StepKVPlan:
+    def prepare_step(self, demands: Iterable[tuple[RequestId, int]],
+                     keep_free: dict[RequestId, int] | None = None) -> StepKVPlan:
         """Plan one engine step.
 
         ``demands``: (request id, new tokens this step) for every request the
-        scheduler wants to run (running or swapped). Planning order, which is
+        scheduler wants to run (running or swapped). ``keep_free``: blocks a
+        request's host offload leaves free for the others (see ``_grow``). Planning order, which is
         also the execution order of the returned copies: migration moves;
         growth of running requests, oldest first, preempting newest ones when
         memory runs out (swap outs); swap-in of swapped requests, oldest
@@ -816,7 +820,7 @@ class KVCacheManager:
         for r in ordered:
             if r.state != RUNNING or r.rid in gone:
                 continue
-            res = self.grow(r.rid, want[r.rid])
+            res = self.grow(r.rid, want[r.rid], (keep_free or {}).get(r.rid, 0))
             moves = moves.concat(res.moves)
             swap_out = swap_out.concat(res.offload)
             for p in res.preemptions:

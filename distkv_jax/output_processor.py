@@ -181,4 +181,5 @@ def _group_metrics(seqs: list[Request], finished: bool) -> RequestMetrics:
         first_scheduled_time=pick("first_scheduled_time", min),
         first_token_time=pick("first_token_time", min),
         last_token_time=pick("last_token_time", max),
-        finished_time=pick("finished_time", max) if finished else None)
+        finished_time=pick("finished_time", max) if finished else None,
+        request_class=seqs[0].metrics.request_class)

@@ -71,6 +71,7 @@ class RequestMetrics:
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None
+    request_class: Optional[str] = None   # "short" or "long" at arrival (policy.py)
 
 
 @dataclass

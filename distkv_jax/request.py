@@ -78,6 +78,8 @@ class Request:
     block_hashes: list = dataclasses.field(default_factory=list)  # prefix-hash chain (KV manager's)
     num_cached_tokens: int = -1     # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
     preemptions: int = 0
+    passed_steps: int = 0           # steps in which later requests were admitted while it waited for KV
+    stalled_steps: int = 0          # steps in which it, a long prefill, got no rows (the reserve)
     # Overlapped steps: a token sampled by the step in flight is not in
     # `tokens` yet; its position can already be scheduled, and the step then
     # reads the token from that step's output row `pending_row`.

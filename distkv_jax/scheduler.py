@@ -5,10 +5,12 @@ to be recomputed), swapped (KV in host memory). Between steps requests join
 and leave; each step is planned as:
 
 1. Demands per instance under a token budget (rows per instance) and a cap on
-   sequences per instance: running requests first (decodes, then prefill
-   chunks, oldest first), then swapped requests (oldest first), then, only
-   when nothing is swapped, new requests (FCFS), each assigned to the least
-   loaded instance (fewest requests; ties: most free blocks, lowest id).
+   sequences per instance: running requests first (decodes, then short
+   prefill chunks, then long ones with a floor: see `policy`), then swapped
+   requests (oldest first), then, only when nothing is swapped, new requests
+   (arrival order; one waiting for KV may be passed, under an aging bound),
+   each assigned to the least loaded instance (fewest requests; ties: most
+   free blocks, lowest id).
 2. The KV cache manager turns demands into slots, migrations, preemptions
    (swap to host, recompute when the host is full) and swap-ins.
 3. The step's arrays (tokens, positions, DistAttention plan, rows to compute
@@ -33,6 +35,7 @@ import numpy as np
 from .attention_plan import AttentionPlan, PoolGeometry, SeqQuery, bucket, build_attention_plan
 from .kv_cache_manager import KVCacheManager
 from .kv_types import StepKVPlan
+from .policy import PolicyConfig, SchedulingPolicy
 from .request import Request, RequestStatus
 
 WAITING, RUNNING, SWAPPED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.SWAPPED
@@ -47,6 +50,9 @@ class SchedulerConfig:
     run_choices: tuple[int, ...] = (4, 16)
     min_rows: int = 8
     watermark_blocks: int = 1         # free blocks kept when admitting new requests
+    # long and short requests together (policy.py); None: the defaults
+    # PolicyConfig.resolve derives from the limits above and the pool
+    policy: PolicyConfig | None = None
 
 
 def logits_bucket(num_logits: int, rows: int, min_rows: int) -> int:
@@ -111,6 +117,14 @@ class Scheduler:
         self.num_instances = kc.num_instances
         self.geom = PoolGeometry(kc.num_instances, kc.blocks_per_instance, kc.block_size,
                                  kc.host_blocks_per_instance)
+        pc = config.policy or PolicyConfig.resolve(
+            max_num_batched_tokens=config.max_num_batched_tokens, block_size=kc.block_size,
+            blocks_per_instance=kc.blocks_per_instance, max_num_seqs=config.max_num_seqs)
+        self.policy = SchedulingPolicy(pc, kc.num_instances)
+        # blocks a long request's growth leaves free (on every instance it may borrow from)
+        self.reserve_blocks = pc.short_reserve_blocks * (
+            kc.num_instances if kc.kv_policy == "distributed" else 1)
+        self.long_prefill_steps = 0   # steps in which a long prefill chunk ran
 
     # ---------------------------------------------------------------- queues
     def add(self, req: Request) -> None:
@@ -118,6 +132,7 @@ class Scheduler:
             raise ValueError(f"request_id {req.request_id!r} is already live")
         req.status = WAITING
         req.block_hashes = []                   # its own chain (records may be copies)
+        req.metrics.request_class = self.policy.arrival_class(req.prompt_len)
         self.requests[req.request_id] = req
 
     def has_unfinished(self) -> bool:
@@ -185,8 +200,33 @@ class Scheduler:
                 best = (key, i)
         return None if best is None else best[1]
 
+    def _long_room(self, r: Request) -> int | None:
+        """Tokens a long request may grow by this step, leaving the reserve
+        free for the other live requests (None: no limit: no reserve, nobody
+        else, or it stalled long enough). Its own full device blocks that the
+        host tier can take (host-attended KV) count as room."""
+        if self.reserve_blocks == 0 or len(self.requests) == 1 or \
+                self.policy.long_ignores_reserve(r.stalled_steps):
+            return None
+        bs = self.geom.block_size
+        rid = r.request_id
+        n = self.kv.num_tokens(rid)
+        slack = self.kv.table.num_blocks(rid) * bs - n
+        host = 0
+        if self.kv.config.host_attention:
+            own = self.kv.block_ids(rid)[:n // bs]
+            host = min(int((own < self.kv.config.num_device_blocks).sum()),
+                       self.kv.host.available_for(r.instance))
+        free = self.kv.gm.available_for(r.instance) - self.reserve_blocks
+        return max(0, slack + (max(0, free) + host) * bs)
+
+    def _room(self, inst: int, keep: int) -> int:
+        """Tokens a new request homed on `inst` may take for its first chunk."""
+        return (self.kv.gm.available_for(inst) + self.kv.reclaimable(inst)
+                + self.kv.offloadable(inst) - keep) * self.geom.block_size
+
     def schedule(self) -> StepPlan | None:
-        cfg = self.config
+        cfg, pol = self.config, self.policy
         I = self.num_instances
         rows_left = [cfg.max_num_batched_tokens] * I
         load = [0] * I          # requests occupying a place on each instance (running or swapped)
@@ -195,20 +235,23 @@ class Scheduler:
                 load[r.instance] += 1
         demands: list[tuple[Request, int]] = []
 
-        def take(r: Request, n: int) -> None:
+        def take(r: Request, n: int, keep: int = 0) -> int:
             # A chunk uses its instance's row budget first, then other
             # instances' spare rows (rows are placed after KV planning,
-            # spread over instances: see _place_rows).
-            n = min(n, cfg.max_num_batched_tokens, sum(rows_left))
+            # spread over instances: see _place_rows). `keep` rows stay for
+            # later demands (the long prefills' floors).
+            n = min(n, cfg.max_num_batched_tokens, sum(rows_left) - keep)
             if n <= 0:
-                return
+                return 0
             demands.append((r, n))
             order = [r.instance] + sorted((i for i in range(I) if i != r.instance),
                                           key=lambda i: (-rows_left[i], i))
+            left = n
             for i in order:
-                used = min(n, rows_left[i])
+                used = min(left, rows_left[i])
                 rows_left[i] -= used
-                n -= used
+                left -= used
+            return n
 
         running = [r for r in self._by_state(RUNNING) if not r.hold]
         for r in running:                       # preempted for recompute: start on the cache
@@ -217,53 +260,40 @@ class Scheduler:
         for r in running:                       # decodes first: one row each
             if r.remaining == 1:
                 take(r, 1)
-        for r in running:                       # then prefill / recompute chunks
-            if r.remaining > 1:
-                take(r, r.remaining)
+        # then prefill / recompute chunks: short ones, swapped ones, new
+        # requests; then long ones, each with a floor of rows kept for it
+        # (policy.py)
+        short_p, long_p, _ = pol.split_prefills([r for r in running if r.remaining > 1])
+        cap = pol.long_chunk_cap(len(self.requests) > 1)
+        want = {}
+        for r in long_p:
+            n = r.remaining if cap is None else min(r.remaining, cap)
+            room = self._long_room(r)
+            want[r.request_id] = n if room is None else min(n, room)
+        floors = [pol.long_floor(want[r.request_id]) for r in long_p]
+        keep = sum(floors)
+        for r in short_p:
+            take(r, r.remaining, keep)
         swapped = self._by_state(SWAPPED)
         for r in swapped:
             if not r.hold:
-                take(r, r.remaining)
-        if not swapped:
-            for r in self._by_state(WAITING):
-                leader = r.fork_of
-                if leader is not None and not leader.is_finished and not self._forkable(leader, r):
-                    continue                    # a sibling sequence waits for its leader's prompt
-                if leader is None and not r.wants_prompt_logprobs and \
-                        self.kv.awaits_prefix(r.tokens, r.block_hashes):
-                    continue                    # its next prefix block is being computed: wait for it
-                inst = self._choose_instance(load, rows_left, leader)
-                if inst is None:
-                    break
-                r.instance = self.kv.admit(r.request_id, inst, r.block_hashes)
-                r.status = RUNNING
-                if leader is not None and not leader.is_finished and \
-                        self.kv.fork(r.request_id, leader.request_id, r.prompt_len - 1):
-                    r.num_computed = r.prompt_len - 1
-                else:
-                    r.num_computed = self._reuse(r)
-                # The first chunk must fit in free blocks (keeping a
-                # watermark) or in blocks its instance lent and can take back
-                # (reclaim); otherwise admitting never preempts a running request.
-                # The watermark only guards running requests: with none, the
-                # last free block may go (a request whose cached prefix leaves
-                # it one block short would otherwise wait forever).
-                busy = sum(load) > 0            # running or swapped requests
-                room = (self.kv.gm.available_for(inst) + self.kv.reclaimable(inst)
-                        + self.kv.offloadable(inst)
-                        - (cfg.watermark_blocks if busy else 0)) * self.geom.block_size
-                if room <= 0:                   # undo: it waits, FCFS (no overtaking)
-                    self.kv.finish(r.request_id)
-                    r.status, r.instance, r.num_computed = WAITING, -1, 0
-                    break
-                if r.num_cached_tokens < 0:     # first admission: vLLM's num_cached_tokens
-                    r.num_cached_tokens = r.num_computed
-                load[inst] += 1
-                take(r, min(r.remaining, room))
+                take(r, r.remaining, keep)
+        new_long = []                           # admitted long ones: (request, first chunk)
+        if not swapped:                         # new requests, before the long prefills' rest
+            new_long = self._admit(load, rows_left, lambda r, n: take(r, n, keep))
+        for k, r in enumerate(long_p):          # what is left, at least the floor
+            got = take(r, want[r.request_id], keep=sum(floors[k + 1:]))
+            r.stalled_steps = 0 if got else r.stalled_steps + 1
+        for r, n in new_long:                   # then the new long ones' first chunks
+            take(r, n)
         if not demands:
             return None
 
-        kv_plan = self.kv.prepare_step([(r.request_id, n) for r, n in demands])
+        # a long prefill's host offload (host-attended KV) also leaves the reserve
+        keep_free = {r.request_id: self.reserve_blocks for r, n in demands
+                     if n > 1 and self.reserve_blocks and len(self.requests) > 1
+                     and pol.is_long(r.remaining) and not pol.long_ignores_reserve(r.stalled_steps)}
+        kv_plan = self.kv.prepare_step([(r.request_id, n) for r, n in demands], keep_free)
         for p in kv_plan.preempted:
             r = self.requests[p.request_id]
             r.preemptions += 1
@@ -275,9 +305,12 @@ class Scheduler:
         for rid in kv_plan.swapped_in:
             self.requests[rid].status = RUNNING
 
+        long_ran = False
         for rid, start, n in kv_plan.scheduled:
             r = self.requests[rid]
             assert start == r.num_computed, (rid, start, r.num_computed)
+            long_ran = long_ran or (n > 1 and pol.is_long(r.remaining))
+        self.long_prefill_steps += long_ran
         seqs, rows_used = self._place_rows(kv_plan.scheduled)
         if not seqs:
             # Nothing could run (e.g. everything preempted or too long): let the
@@ -285,6 +318,80 @@ class Scheduler:
             return StepPlan(np.zeros((I, 0), np.int32), np.zeros((I, 0), np.int32), None,
                             np.zeros((I, 0), np.int32), np.zeros(0, np.int32), (), (), kv_plan)
         return self._arrays(seqs, rows_used, kv_plan)
+
+    def _admit(self, load: list[int], rows_left: list[int], take) -> list[tuple[Request, int]]:
+        """New requests, in arrival order. One over the prefill limits, or
+        one that finds no KV room, is passed by the requests behind it, until
+        it has been passed in `admission_aging_steps` steps (policy.py).
+        Short ones take their first chunk's rows here; the long ones are
+        returned with theirs, to take what the short ones leave."""
+        cfg, pol = self.config, self.policy
+        prefilling = [r for r in self._by_state(RUNNING) if r.remaining > 1]
+        partial = len(prefilling)
+        long_partial = sum(1 for r in prefilling if pol.is_long(r.remaining))
+        cap = pol.long_chunk_cap(len(self.requests) > 1)
+        passed: list[Request] = []      # waiting for KV, behind which someone may be admitted
+        new_long: list[tuple[Request, int]] = []
+        for r in self._by_state(WAITING):
+            leader = r.fork_of
+            if leader is not None and not leader.is_finished and not self._forkable(leader, r):
+                continue                    # a sibling sequence waits for its leader's prompt
+            if leader is None and not r.wants_prompt_logprobs and \
+                    self.kv.awaits_prefix(r.tokens, r.block_hashes):
+                continue                    # its next prefix block is being computed: wait for it
+            long = pol.is_long(r.remaining)
+            if not pol.may_start_prefill(long, partial, long_partial):
+                if pol.blocks_queue(r.passed_steps):
+                    break                   # aged (waiting for KV before): nobody passes it
+                continue                    # over the prefill limits: others may pass it
+            inst = self._choose_instance(load, rows_left, leader)
+            if inst is None:
+                break
+            # The first chunk must fit in free blocks (keeping a
+            # watermark) or in blocks its instance lent and can take back
+            # (reclaim); otherwise admitting never preempts a running request.
+            # The watermark only guards running requests: with none, the
+            # last free block may go (a request whose cached prefix leaves
+            # it one block short would otherwise wait forever). A long
+            # request also leaves the short requests' reserve. Checked before
+            # admitting (nothing to undo) and after (its cached prefix's
+            # blocks are no longer evictable).
+            busy = sum(load) > 0            # running or swapped requests
+            keep = (cfg.watermark_blocks if busy else 0) + (self.reserve_blocks if long and busy else 0)
+            room = self._room(inst, keep)
+            if room > 0:
+                r.instance = self.kv.admit(r.request_id, inst, r.block_hashes)
+                r.status = RUNNING
+                if leader is not None and not leader.is_finished and \
+                        self.kv.fork(r.request_id, leader.request_id, r.prompt_len - 1):
+                    r.num_computed = r.prompt_len - 1
+                else:
+                    r.num_computed = self._reuse(r)
+                room = self._room(inst, keep)
+                if room <= 0:               # undo
+                    self.kv.finish(r.request_id)
+                    r.status, r.instance, r.num_computed = WAITING, -1, 0
+            if room <= 0:                   # it waits
+                if pol.blocks_queue(r.passed_steps):
+                    break                   # aged: FCFS from here until it is admitted
+                passed.append(r)
+                continue
+            for q in passed:                # passed over this step (counted once a step)
+                q.passed_steps += 1
+            passed.clear()
+            r.passed_steps = 0
+            if r.num_cached_tokens < 0:     # first admission: vLLM's num_cached_tokens
+                r.num_cached_tokens = r.num_computed
+            load[inst] += 1
+            if r.remaining > 1:
+                partial += 1
+                long_partial += long
+            n = min(r.remaining, room)
+            if long:
+                new_long.append((r, n if cap is None else min(n, cap)))
+            else:
+                take(r, n)
+        return new_long
 
     def _place_rows(self, scheduled) -> tuple[list[ScheduledSeq], list[int]]:
         """Rows for the step's chunks, balanced over instances.

@@ -360,8 +360,10 @@ def test_overlapped_steps_match_sequential_steps(llama):
     ]
     results = {}
     for overlap in (True, False):
+        # every request short (the long/short policy off): first come, first
+        # served, so that this small pool preempts
         llm = LLM(path, warm_start=False, mesh="2x4", block_size=8, kv_blocks=6, max_num_batched_tokens=32,
-                  overlap_steps=overlap)
+                  overlap_steps=overlap, long_prefill_token_threshold=1 << 30)
         outs = llm.generate(prompts, params)
         assert llm.engine.stats["preemptions"] > 0
         assert (llm.engine.kv.free_device_blocks() == 6).all()  # every block came back

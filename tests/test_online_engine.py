@@ -25,9 +25,11 @@ VICTIM = list(range(200, 226))
 def llm():
     # 2 instances x 6 blocks of 8 tokens: requests borrow, and the pool is
     # too small for the batch, so requests are swapped to host and back.
-    # (host_attention off: the host tier is swap space, so requests reach SWAPPED)
+    # (host_attention off: the host tier is swap space, so requests reach SWAPPED;
+    # the long/short policy off: first come, first served, so the pool preempts)
     return LLM("tiny", mesh="2x4", block_size=8, kv_blocks=6, host_kv_blocks=16,
-               host_attention=False, max_num_batched_tokens=16, warm_start=False)
+               host_attention=False, max_num_batched_tokens=16, warm_start=False,
+               long_prefill_token_threshold=1 << 30)
 
 
 @pytest.fixture(scope="module")

@@ -89,8 +89,11 @@ def test_cache_on_equals_cache_off_equals_transformers(llama, waves, reference, 
     mesh, kv_blocks, host = CASES[case]
     runs = {}
     for caching in (True, False):
+        # the long/short policy off (first come, first served): the tight
+        # pools preempt, which these cases exercise
         llm = LLM(path, warm_start=False, mesh=mesh, block_size=BS, kv_blocks=kv_blocks,
-                  host_kv_blocks=host, max_num_batched_tokens=32, enable_prefix_caching=caching)
+                  host_kv_blocks=host, max_num_batched_tokens=32, enable_prefix_caching=caching,
+                  long_prefill_token_threshold=1 << 30)
         outs, prompts = _run(llm, waves)
         runs[caching] = [_tokens_and_logprobs(o) for o in outs]
         eng = llm.engine

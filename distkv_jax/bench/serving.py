@@ -96,7 +96,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("server_seed", 0, "--seed of the server")
     flags.DEFINE_multi_string("server_arg", [], "another server flag, e.g. --server_arg=--host_kv_blocks=8 "
                               "(repeatable; the long requests' sizes assume the default lend_fraction)")
-    flags.DEFINE_list("policies", ["distributed", "local"], "kv_policy values, one server each")
+    flags.DEFINE_list("policies", ["distributed", "local"], "kv_policy values, one server each; "
+                      "'distributed-fcfs' is distributed with the long/short policy off "
+                      "(--long_prefill_token_threshold huge: every request short, first come "
+                      "first served, as before the policy)")
+    flags.DEFINE_string("model_shape", "", "instead of --model: a random-weight Llama of this "
+                        "shape with the tiny tokenizer (13M: hidden 512, 4 layers, 8 / 4 KV "
+                        "heads, MLP 1,536, vocabulary 512)")
     flags.DEFINE_float("startup_timeout_s", 900.0, "most seconds to wait for /health (a warm start "
                        "compiles every program; minutes on a small CPU)")
     flags.DEFINE_float("request_timeout_s", 600.0, "a request fails after this many seconds without "
@@ -117,6 +123,8 @@ def define_flags() -> None:
     flags.DEFINE_float("long_factor", 1.5, "median long prompt, in units of one instance's KV capacity")
     flags.DEFINE_integer("long_output", 16, "new tokens of each long request")
     flags.DEFINE_integer("seed", 0, "workload seed")
+    flags.DEFINE_bool("no_long", True, "also run each rate without the long requests (the same "
+                      "short arrivals): the baseline of the short requests' latency")
     # objectives and output
     # the tiny model on a 2-core CPU, unloaded: TTFT ~20 ms, TPOT ~3 ms; the objectives
     # leave ~10x of that for queueing and batching
@@ -354,10 +362,16 @@ def summarize(outs: list[Outcome], duration: float, slo: Slo) -> dict:
     by_kind = {}
     for kind in sorted({o.kind for o in outs}):
         mine = [o for o in outs if o.kind == kind]
-        by_kind[kind] = {"requests": len(mine), "completed": sum(o.ok for o in mine),
+        done = [o for o in mine if o.ok]
+        by_kind[kind] = {"requests": len(mine), "completed": len(done),
                          "failed": sum(not o.ok for o in mine),
                          "truncated": sum(o.ok and o.output_tokens < o.max_tokens for o in mine),
-                         "failed_status": sorted({o.status for o in mine if not o.ok and o.status})}
+                         "failed_status": sorted({o.status for o in mine if not o.ok and o.status}),
+                         # this kind's figures over the whole run's duration
+                         "request_goodput": sum(slo.met(o) for o in done) / duration,
+                         "ttft_ms": _dist_ms([o.ttft for o in done]),
+                         "tpot_ms": _dist_ms([o.tpot for o in done if o.tpot is not None]),
+                         "e2el_ms": _dist_ms([o.e2e for o in done])}
     return {
         "duration_s": duration,
         "completed": len(ok),
@@ -395,8 +409,10 @@ class ServerConfig:
     extra: tuple[str, ...]
 
     def command(self, policy: str, port: int) -> list[str]:
+        kv_policy, _, variant = policy.partition("-")
+        extra = ("--long_prefill_token_threshold=1073741824",) if variant == "fcfs" else ()
         return [sys.executable, "-m", self.module, "--serve", "--host", "127.0.0.1", "--port", str(port),
-                "--model", self.model, "--mesh", self.mesh, f"--kv_policy={policy}",
+                "--model", self.model, "--mesh", self.mesh, f"--kv_policy={kv_policy}", *extra,
                 f"--kv_blocks={self.kv_blocks}", f"--block_size={self.block_size}",
                 f"--max_num_seqs={self.max_num_seqs}",
                 f"--max_num_batched_tokens={self.max_num_batched_tokens}",
@@ -495,8 +511,70 @@ def _flag(name: str):
     return FLAGS[name].value
 
 
+SHAPES = {"13M": dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=512)}
+
+
+def _shape_model(name: str) -> str:
+    """A random-weight Llama of a named shape with the tiny model's tokenizer,
+    built once under the cache root."""
+    import shutil
+
+    from distkv_jax.bench.common import make_llama_dir
+    from distkv_jax.models.tiny import cache_root, tiny_model_dir
+
+    if name not in SHAPES:
+        raise ValueError(f"--model_shape={name!r}: one of {', '.join(SHAPES)}")
+    dst = os.path.join(cache_root(), f"serving-{name}")
+    if not os.path.exists(os.path.join(dst, "config.json")):
+        tmp = f"{dst}.tmp-{os.getpid()}"
+        make_llama_dir(tmp, SHAPES[name])
+        src = tiny_model_dir()
+        for f in sorted(os.listdir(src)):
+            if "token" in f:  # tokenizer.json, tokenizer_config.json, special_tokens_map.json
+                shutil.copy(os.path.join(src, f), tmp)
+        os.rename(tmp, dst)
+    return dst
+
+
 def _rate_label(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def _short_long_table(runs: list[dict]) -> None:
+    """The short requests' figures with the long ones in flight, beside the
+    same short arrivals alone (--no_long), and the long requests' latency."""
+    head = (f"{'policy':<17} {'rate':>5} {'short good/s':>12} {'TTFT p50/p99':>13} "
+            f"{'alone good/s':>12} {'alone p50/p99':>13} {'p99 ratio':>9} {'long TTFT p50':>13} "
+            f"{'long E2E p50':>12}")
+    print(head)
+    print("-" * len(head))
+
+    def f(x):
+        return "-" if x is None else f"{x:.0f}"
+
+    for run in runs:
+        for r in run["results"]:
+            sh = r["by_kind"].get("short", {})
+            lg = r["by_kind"].get("long", {})
+            base = r.get("no_long", {})
+            ratio = short_ttft_p99_ratio(r)
+            alone = f"{base['request_goodput']:.2f}" if base else "-"
+            alone_ttft = f(base["ttft_ms"]["median"]) + "/" + f(base["ttft_ms"]["p99"]) if base else "-"
+            print(f"{run['policy']:<17} {r['rate']:>5} {sh.get('request_goodput', 0):>12.2f} "
+                  f"{f(sh['ttft_ms']['median']) + '/' + f(sh['ttft_ms']['p99']):>13} {alone:>12} "
+                  f"{alone_ttft:>13} {'-' if ratio is None else f'{ratio:.2f}':>9} "
+                  f"{f(lg['ttft_ms']['median']) if lg.get('completed') else '-':>13} "
+                  f"{f(lg['e2el_ms']['median']) if lg.get('completed') else '-':>12}")
+
+
+def short_ttft_p99_ratio(r: dict) -> float | None:
+    """Short requests' TTFT p99 with the long ones in flight over the p99 of
+    the same short arrivals alone."""
+    base = r.get("no_long")
+    sh = r["by_kind"].get("short")
+    if not base or not sh or sh["ttft_ms"]["p99"] is None or not base["ttft_ms"]["p99"]:
+        return None
+    return sh["ttft_ms"]["p99"] / base["ttft_ms"]["p99"]
 
 
 def _print_table(runs: list[dict]) -> None:
@@ -555,6 +633,8 @@ def main(argv) -> None:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
+    if FLAGS.model_shape:
+        FLAGS.model = _shape_model(FLAGS.model_shape)
     rates = [float(r) for r in _flag("rates")]
     kv_blocks, block_size = _flag("kv_blocks"), _flag("block_size")
     # the most one request may hold under distributed, from the engine's own rule
@@ -588,11 +668,21 @@ def main(argv) -> None:
             print(f"[{policy}] first request: TTFT {w.ttft * 1e3:.0f} ms, end to end {w.e2e * 1e3:.0f} ms",
                   flush=True)
             results = []
+            shorts = [r for r in reqs if r.kind == "short"]
             for rate in rates:
                 outs, duration = asyncio.run(run_rate(server.url, model, reqs, rate, FLAGS.request_timeout_s))
                 res = {"rate": _rate_label(rate), **summarize(outs, duration, slo)}
                 print(f"[{policy}] rate {res['rate']}: {res['completed']} completed, {res['failed']} failed, "
                       f"{res['duration_s']:.1f} s", flush=True)
+                if FLAGS.no_long and len(shorts) < len(reqs):
+                    # the same short arrivals (their u) without the long requests
+                    outs, duration = asyncio.run(run_rate(server.url, model, shorts, rate,
+                                                          FLAGS.request_timeout_s))
+                    base = summarize(outs, duration, slo)
+                    base.pop("requests")
+                    res["no_long"] = base
+                    print(f"[{policy}] rate {res['rate']} without the long requests: "
+                          f"{base['completed']} completed, {base['duration_s']:.1f} s", flush=True)
                 results.append(res)
         if server.exit_code != 0 or server.killed:
             print(f"[{policy}] warning: the server exited with {server.exit_code}"
@@ -626,3 +716,5 @@ def main(argv) -> None:
     if FLAGS.output_png:
         _plot(runs, slo, FLAGS.output_png)
     _print_table(runs)
+    print()
+    _short_long_table(runs)

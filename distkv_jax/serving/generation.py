@@ -105,7 +105,7 @@ class Generation:
                     new_ids = c.token_ids[ch.num_tokens:]
                     if new_ids:
                         if first:
-                            self.metrics.ttft.observe(now - t0)
+                            self.metrics.observe_ttft(now - t0, out)
                             first = False
                         elif ch.last is not None:
                             for _ in new_ids:

@@ -46,6 +46,19 @@ class _EngineCollector:
 
         yield gauge("num_requests_running", "Requests running (KV on devices).", s["num_running"])
         yield gauge("num_requests_waiting", "Requests waiting to be admitted.", s["num_waiting"])
+        waiting = GaugeMetricFamily(P + "num_requests_waiting_by_class",
+                                    "Requests waiting to be admitted, by class at arrival (long: "
+                                    "prompt over long_prefill_token_threshold).",
+                                    labels=["model_name", "request_class"])
+        for c, n in s["num_waiting_by_class"].items():
+            waiting.add_metric(m + [c], n)
+        yield waiting
+        c = CounterMetricFamily(P + "long_prefill_steps", "Engine steps that ran a chunk of a "
+                                "long prefill.", labels=["model_name"])
+        c.add_metric(m, s["long_prefill_steps"])
+        yield c
+        yield gauge("kv_blocks_reserved", "KV blocks per instance a long request's growth leaves "
+                    "free for short requests (short_reserve_blocks).", s["kv_blocks_reserved"])
         yield gauge("num_requests_swapped", "Requests whose KV is swapped to host memory.",
                     s["num_swapped"])
         usage = GaugeMetricFamily(P + "kv_cache_usage_perc",
@@ -156,14 +169,22 @@ class ServerMetrics:
             return Histogram(P + name, doc, labels, registry=self.registry,
                              buckets=_LATENCY_BUCKETS).labels(model_name)
 
-        self.ttft = hist("time_to_first_token_seconds", "Time to the first generated token.")
+        def by_class(name, doc):
+            return Histogram(P + name, doc, labels + ["request_class"], registry=self.registry,
+                             buckets=_LATENCY_BUCKETS)
+
+        self._ttft = by_class("time_to_first_token_seconds", "Time to the first generated token, "
+                              "by request class at arrival (short / long).")
         self.itl = hist("inter_token_latency_seconds", "Time between generated tokens.")
         self.e2e = hist("e2e_request_latency_seconds", "Request latency, arrival to last token.")
-        self.queue = hist("request_queue_time_seconds",
-                          "Time a request waited before it was first scheduled.")
+        self._queue = by_class("request_queue_time_seconds", "Time a request waited before it "
+                               "was first scheduled, by request class at arrival (short / long).")
         self._success = Counter(P + "request_success", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
         self.registry.register(_EngineCollector(snapshot, model_name))
+
+    def observe_ttft(self, seconds: float, out) -> None:
+        self._ttft.labels(self.model_name, _request_class(out)).observe(seconds)
 
     def finished(self, reason: str | None, out) -> None:
         self._success.labels(self.model_name, reason or "unknown").inc()
@@ -171,7 +192,14 @@ class ServerMetrics:
             return
         m = out.metrics
         if m.first_scheduled_time is not None and m.arrival_time is not None:
-            self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+            self._queue.labels(self.model_name, _request_class(out)).observe(
+                max(0.0, m.first_scheduled_time - m.arrival_time))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _request_class(out) -> str:
+    """The class an output's request had at arrival (every request the
+    scheduler took has one)."""
+    return out.metrics.request_class or "short"
