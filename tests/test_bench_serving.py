@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 
-from distkv_jax.bench.serving import Outcome, Slo, Workload, make_requests, summarize
+from distkv_jax.bench.serving import (Outcome, Slo, Workload, make_requests, short_ttft_p99_ratio,
+                                      summarize)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_KEYS = {"mean", "median", "p99"}
@@ -55,8 +56,13 @@ def test_summarize_metrics():
     assert s["request_goodput"] == 0.1
     assert np.isclose(s["tpot_ms"]["median"], (100 + 500) / 2)
     assert np.isclose(s["ttft_ms"]["mean"], 300.0)
+    none = {"mean": None, "median": None, "p99": None}
     assert s["by_kind"]["long"] == {"requests": 1, "completed": 0, "failed": 1, "truncated": 0,
-                                    "failed_status": [400]}
+                                    "failed_status": [400], "request_goodput": 0.0,
+                                    "ttft_ms": none, "tpot_ms": none, "e2el_ms": none}
+    short = s["by_kind"]["short"]
+    assert short["request_goodput"] == 0.1 and np.isclose(short["ttft_ms"]["mean"], 300.0)
+    assert np.isclose(short["e2el_ms"]["median"], 3000.0)
     assert s["errors"] == [{"id": "r2", "kind": "long", "status": 400, "message": "no"}]
     assert s["peak_concurrency"] == 2
 
@@ -101,4 +107,15 @@ def test_bench_serving_quick(tmp_path):
             for q in r["requests"]:
                 if q["ok"]:
                     assert q["output_tokens"] == q["max_tokens"]  # ignore_eos: runs to max_tokens
+            # the short requests' own figures, and the same short arrivals alone
+            short = r["by_kind"]["short"]
+            assert 0 < short["request_goodput"] <= r["request_goodput"] + 1e-9
+            assert 0 < short["ttft_ms"]["median"] <= short["ttft_ms"]["p99"]
+            base = r["no_long"]
+            assert base["completed"] == short["requests"] and base["failed"] == 0
+            assert set(base["by_kind"]) == {"short"} and 0 < base["ttft_ms"]["p99"]
+            assert short_ttft_p99_ratio(r) == short["ttft_ms"]["p99"] / base["ttft_ms"]["p99"]
+            if policy == "distributed":
+                assert long["ttft_ms"]["median"] > 0 and long["e2el_ms"]["median"] > 0
     assert png.stat().st_size > 0
+    assert "p99 ratio" in proc.stdout  # the short / long table
