@@ -508,12 +508,23 @@ def test_64_concurrent_streams_of_mixed_lengths_equal_their_solo_runs(server):
         async with httpx.AsyncClient(timeout=600) as c:
             return await asyncio.gather(*[_stream_text(c, server.url, b) for b in reqs])
 
+    before = httpx.get(server.url + "/metrics").text
     got = asyncio.run(run())
     for k, ((text, finish), want) in enumerate(zip(got, solo)):
         assert finish == "length" and text == want, k
     # the long prompts held KV borrowed from the other instance
     assert server.llm.engine.stats["max_remote_blocks"] > 0
     m = httpx.get(server.url + "/metrics").text
+    # long and short requests together: TTFT and queue time by class at
+    # arrival (4 prompts over long_prefill_token_threshold = 128), the steps
+    # that ran a long prefill chunk, the reserve (8 blocks' worth, at most a
+    # quarter of 24), nobody waiting now
+    for name in ("distkv:time_to_first_token_seconds_count", "distkv:request_queue_time_seconds_count"):
+        assert metric(m, name, request_class="long") - metric(before, name, request_class="long") == 4
+        assert metric(m, name, request_class="short") - metric(before, name, request_class="short") == 60
+    assert metric(m, "distkv:long_prefill_steps_total") > metric(before, "distkv:long_prefill_steps_total")
+    assert metric(m, "distkv:kv_blocks_reserved") == 6
+    assert metric(m, "distkv:num_requests_waiting_by_class", request_class="long") == 0
     assert metric(m, "distkv:max_request_instances") == 0  # all done: nothing held
     assert metric(m, "distkv:num_requests_running") == 0
     # host-attended KV's counters are exported per instance (nothing held now)
