@@ -457,6 +457,7 @@ class Engine:
             "num_waiting_by_class": waiting_by_class,
             "long_prefill_steps": self.scheduler.long_prefill_steps,
             "kv_blocks_reserved": self.scheduler.policy.config.short_reserve_blocks,
+            "compiled_programs": self.compiled_programs(),
             "stats": dict(self.stats),
         }
 

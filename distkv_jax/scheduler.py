@@ -200,13 +200,20 @@ class Scheduler:
                 best = (key, i)
         return None if best is None else best[1]
 
+    def _reserve_applies(self, r: Request) -> bool:
+        """A long request leaves the reserve while a short one is live (a
+        decode, a short prefill, a short request waiting), unless it stalled
+        on it for admission_aging_steps steps."""
+        if self.reserve_blocks == 0 or self.policy.long_ignores_reserve(r.stalled_steps):
+            return False
+        return any(not self.policy.is_long(q.remaining) for q in self.requests.values())
+
     def _long_room(self, r: Request) -> int | None:
         """Tokens a long request may grow by this step, leaving the reserve
         free for the other live requests (None: no limit: no reserve, nobody
         else, or it stalled long enough). Its own full device blocks that the
         host tier can take (host-attended KV) count as room."""
-        if self.reserve_blocks == 0 or len(self.requests) == 1 or \
-                self.policy.long_ignores_reserve(r.stalled_steps):
+        if not self._reserve_applies(r):
             return None
         bs = self.geom.block_size
         rid = r.request_id
@@ -286,13 +293,16 @@ class Scheduler:
             r.stalled_steps = 0 if got else r.stalled_steps + 1
         for r, n in new_long:                   # then the new long ones' first chunks
             take(r, n)
+        if not demands:                         # only long prefills stalled on the reserve:
+            for r in long_p:                    # nobody to keep it for runs now
+                r.stalled_steps = pol.config.admission_aging_steps
+                take(r, r.remaining if cap is None else min(r.remaining, cap))
         if not demands:
             return None
 
         # a long prefill's host offload (host-attended KV) also leaves the reserve
         keep_free = {r.request_id: self.reserve_blocks for r, n in demands
-                     if n > 1 and self.reserve_blocks and len(self.requests) > 1
-                     and pol.is_long(r.remaining) and not pol.long_ignores_reserve(r.stalled_steps)}
+                     if n > 1 and pol.is_long(r.remaining) and self._reserve_applies(r)}
         kv_plan = self.kv.prepare_step([(r.request_id, n) for r, n in demands], keep_free)
         for p in kv_plan.preempted:
             r = self.requests[p.request_id]
@@ -357,7 +367,8 @@ class Scheduler:
             # admitting (nothing to undo) and after (its cached prefix's
             # blocks are no longer evictable).
             busy = sum(load) > 0            # running or swapped requests
-            keep = (cfg.watermark_blocks if busy else 0) + (self.reserve_blocks if long and busy else 0)
+            keep = (cfg.watermark_blocks if busy else 0) + \
+                (self.reserve_blocks if long and busy and self._reserve_applies(r) else 0)
             room = self._room(inst, keep)
             if room > 0:
                 r.instance = self.kv.admit(r.request_id, inst, r.block_hashes)

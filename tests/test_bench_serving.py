@@ -117,5 +117,7 @@ def test_bench_serving_quick(tmp_path):
             assert short_ttft_p99_ratio(r) == short["ttft_ms"]["p99"] / base["ttft_ms"]["p99"]
             if policy == "distributed":
                 assert long["ttft_ms"]["median"] > 0 and long["e2el_ms"]["median"] > 0
+            assert r["programs_compiled"] >= 0 and base["programs_compiled"] >= 0
+        assert "--enable_prefix_caching=false" in run["server_command"]
     assert png.stat().st_size > 0
     assert "p99 ratio" in proc.stdout  # the short / long table

@@ -1,6 +1,7 @@
 """Online serving over HTTP, as vLLM's `vllm bench serve` measures it.
 
-    python -m distkv_jax.bench serving [--rates=2,4,8,16,inf] [--policies=...] [--quick]
+    python -m distkv_jax.bench serving [--rates=2,4,8,16,inf] [--policies=...]
+        [--model_shape=13M] [--no_long] [--quick]
 
 For each KV policy (--policies; distributed and local) the benchmark starts
 the OpenAI-compatible server as a subprocess
@@ -49,6 +50,15 @@ to last answer); goodput = completed requests per second that meet both
         pooled),
   E2EL  time from sending to the end of the stream.
 
+The same figures per kind (short / long) are in each run's by_kind: goodput,
+TTFT, TPOT and end-to-end latency. With --no_long (the default) every rate
+is run a second time with the short requests alone (the same arrivals):
+the baseline against which the short requests' latency with the long ones
+in flight is judged (the table's "p99 ratio"). The policy name
+"distributed-fcfs" serves distributed with the long/short scheduling policy
+off (every request short: first come, first served), to state what the
+policy costs the long requests.
+
 Output tokens are the server's usage.completion_tokens (the last chunk,
 stream_options.include_usage). Writes --output_json and --output_png
 (TTFT, TPOT and goodput against the rate, one line per policy) and prints
@@ -94,6 +104,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per instance per step")
     flags.DEFINE_bool("warm_start", True, "the server compiles its programs before it is ready")
     flags.DEFINE_integer("server_seed", 0, "--seed of the server")
+    flags.DEFINE_bool("prefix_caching", False, "the servers' prefix cache (off: every rate, and the "
+                      "--no_long pass, repeat the same prompts, which the cache would serve)")
+    flags.DEFINE_bool("warmup_stream", True, "before the timed rates, send the whole stream once at "
+                      "rate inf, unrecorded: programs the stream needs beyond the warm start "
+                      "compile there, not in a timed run (each run reports the programs compiled "
+                      "during it)")
     flags.DEFINE_multi_string("server_arg", [], "another server flag, e.g. --server_arg=--host_kv_blocks=8 "
                               "(repeatable; the long requests' sizes assume the default lend_fraction)")
     flags.DEFINE_list("policies", ["distributed", "local"], "kv_policy values, one server each; "
@@ -407,6 +423,7 @@ class ServerConfig:
     warm_start: bool
     seed: int
     extra: tuple[str, ...]
+    prefix_caching: bool = False
 
     def command(self, policy: str, port: int) -> list[str]:
         kv_policy, _, variant = policy.partition("-")
@@ -416,7 +433,8 @@ class ServerConfig:
                 f"--kv_blocks={self.kv_blocks}", f"--block_size={self.block_size}",
                 f"--max_num_seqs={self.max_num_seqs}",
                 f"--max_num_batched_tokens={self.max_num_batched_tokens}",
-                f"--warm_start={str(self.warm_start).lower()}", f"--seed={self.seed}", *self.extra]
+                f"--warm_start={str(self.warm_start).lower()}", f"--seed={self.seed}",
+                f"--enable_prefix_caching={str(self.prefix_caching).lower()}", *self.extra]
 
 
 class Server:
@@ -496,6 +514,16 @@ def serving(cmd_for_port, log_path: str, startup_s: float, shutdown_s: float) ->
         server.stop(shutdown_s)
 
 
+def _compiled(server: Server) -> int:
+    """The server's distkv:compiled_programs gauge."""
+    import httpx
+
+    for line in httpx.get(server.url + "/metrics", timeout=30.0, trust_env=False).text.splitlines():
+        if line.startswith("distkv:compiled_programs"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    raise RuntimeError("the server's /metrics has no distkv:compiled_programs")
+
+
 def _served_model(server: Server) -> str:
     """The model name the server answers to (GET /v1/models)."""
     import httpx
@@ -545,7 +573,7 @@ def _short_long_table(runs: list[dict]) -> None:
     same short arrivals alone (--no_long), and the long requests' latency."""
     head = (f"{'policy':<17} {'rate':>5} {'short good/s':>12} {'TTFT p50/p99':>13} "
             f"{'alone good/s':>12} {'alone p50/p99':>13} {'p99 ratio':>9} {'long TTFT p50':>13} "
-            f"{'long E2E p50':>12}")
+            f"{'long E2E p50':>12} {'compiled':>8}")
     print(head)
     print("-" * len(head))
 
@@ -564,7 +592,8 @@ def _short_long_table(runs: list[dict]) -> None:
                   f"{f(sh['ttft_ms']['median']) + '/' + f(sh['ttft_ms']['p99']):>13} {alone:>12} "
                   f"{alone_ttft:>13} {'-' if ratio is None else f'{ratio:.2f}':>9} "
                   f"{f(lg['ttft_ms']['median']) if lg.get('completed') else '-':>13} "
-                  f"{f(lg['e2el_ms']['median']) if lg.get('completed') else '-':>12}")
+                  f"{f(lg['e2el_ms']['median']) if lg.get('completed') else '-':>12} "
+                  f"{r.get('programs_compiled', 0) + base.get('programs_compiled', 0):>8}")
 
 
 def short_ttft_p99_ratio(r: dict) -> float | None:
@@ -647,7 +676,7 @@ def main(argv) -> None:
     reqs = make_requests(workload)
     server_cfg = ServerConfig(FLAGS.server_module, FLAGS.model, FLAGS.mesh, kv_blocks, block_size,
                               _flag("max_num_seqs"), FLAGS.max_num_batched_tokens, _flag("warm_start"),
-                              FLAGS.server_seed, tuple(FLAGS.server_arg))
+                              FLAGS.server_seed, tuple(FLAGS.server_arg), FLAGS.prefix_caching)
     slo = Slo(FLAGS.ttft_slo_ms, FLAGS.tpot_slo_ms)
     log_dir = FLAGS.server_log_dir or os.path.dirname(os.path.abspath(FLAGS.output_json or "serving.json"))
     # the warm-up request: not recorded (first-use costs, e.g. compiles
@@ -669,17 +698,27 @@ def main(argv) -> None:
                   flush=True)
             results = []
             shorts = [r for r in reqs if r.kind == "short"]
+            warm_compiled = None
+            if FLAGS.warmup_stream and not FLAGS.quick:
+                c0 = _compiled(server)
+                asyncio.run(run_rate(server.url, model, reqs, math.inf, FLAGS.request_timeout_s))
+                warm_compiled = _compiled(server) - c0
+                print(f"[{policy}] warm-up stream: {warm_compiled} programs compiled", flush=True)
             for rate in rates:
+                c0 = _compiled(server)
                 outs, duration = asyncio.run(run_rate(server.url, model, reqs, rate, FLAGS.request_timeout_s))
-                res = {"rate": _rate_label(rate), **summarize(outs, duration, slo)}
+                res = {"rate": _rate_label(rate), **summarize(outs, duration, slo),
+                       "programs_compiled": _compiled(server) - c0}
                 print(f"[{policy}] rate {res['rate']}: {res['completed']} completed, {res['failed']} failed, "
                       f"{res['duration_s']:.1f} s", flush=True)
                 if FLAGS.no_long and len(shorts) < len(reqs):
                     # the same short arrivals (their u) without the long requests
                     outs, duration = asyncio.run(run_rate(server.url, model, shorts, rate,
                                                           FLAGS.request_timeout_s))
+                    c0 = _compiled(server)
                     base = summarize(outs, duration, slo)
                     base.pop("requests")
+                    base["programs_compiled"] = _compiled(server) - c0
                     res["no_long"] = base
                     print(f"[{policy}] rate {res['rate']} without the long requests: "
                           f"{base['completed']} completed, {base['duration_s']:.1f} s", flush=True)
@@ -693,6 +732,7 @@ def main(argv) -> None:
                      # a user meets the first request too: after the server's
                      # start-up (its warm start), 16 prompt + 4 output tokens
                      "first_request_ms": {"ttft": w.ttft * 1e3, "e2e": w.e2e * 1e3},
+                     "warmup_stream_programs_compiled": warm_compiled,
                      "results": results})
 
     l_lo, l_hi = workload.long_prompt_range()

@@ -59,6 +59,8 @@ class _EngineCollector:
         yield c
         yield gauge("kv_blocks_reserved", "KV blocks per instance a long request's growth leaves "
                     "free for short requests (short_reserve_blocks).", s["kv_blocks_reserved"])
+        yield gauge("compiled_programs", "XLA programs compiled (or loaded from the compilation "
+                    "cache) so far: step shapes and KV copy batches.", s["compiled_programs"])
         yield gauge("num_requests_swapped", "Requests whose KV is swapped to host memory.",
                     s["num_swapped"])
         usage = GaugeMetricFamily(P + "kv_cache_usage_perc",
