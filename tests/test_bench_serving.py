@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 
-from distkv_jax.bench.serving import (Outcome, Slo, Workload, make_requests, short_ttft_p99_ratio,
-                                      summarize)
+from distkv_jax.bench.serving import (Outcome, Slo, Workload, fresh_tokens, make_requests,
+                                      short_ttft_p99_ratio, summarize)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_KEYS = {"mean", "median", "p99"}
@@ -39,6 +39,17 @@ def test_workload_is_deterministic_and_sized():
         else:  # over one instance's KV, within what a request may hold when distributed
             assert w.instance_kv_tokens < lo <= len(r.prompt) <= hi
             assert len(r.prompt) + r.max_tokens <= w.request_kv_limit
+
+
+def test_each_pass_draws_fresh_prompt_tokens():
+    reqs = make_requests(_workload())
+    assert fresh_tokens(reqs, 0, 0) == reqs
+    a, b = fresh_tokens(reqs, 1, 0), fresh_tokens(reqs, 2, 0)
+    assert a == fresh_tokens(reqs, 1, 0)  # deterministic
+    for x, y, z in zip(reqs, a, b):
+        assert (x.id, x.kind, x.max_tokens, x.u, len(x.prompt)) == (y.id, y.kind, y.max_tokens, y.u, len(y.prompt))
+        assert len(y.prompt) == len(z.prompt) and y.prompt != x.prompt and y.prompt != z.prompt
+        assert all(3 <= t <= 500 for t in y.prompt)
 
 
 def _outcome(i, ok=True, ttft=0.1, e2e=1.0, out=10, itl=(0.1,), status=200, kind="short"):
@@ -118,6 +129,6 @@ def test_bench_serving_quick(tmp_path):
             if policy == "distributed":
                 assert long["ttft_ms"]["median"] > 0 and long["e2el_ms"]["median"] > 0
             assert r["programs_compiled"] >= 0 and base["programs_compiled"] >= 0
-        assert "--enable_prefix_caching=false" in run["server_command"]
+        assert "--enable_prefix_caching=true" in run["server_command"]
     assert png.stat().st_size > 0
     assert "p99 ratio" in proc.stdout  # the short / long table

@@ -104,8 +104,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget per instance per step")
     flags.DEFINE_bool("warm_start", True, "the server compiles its programs before it is ready")
     flags.DEFINE_integer("server_seed", 0, "--seed of the server")
-    flags.DEFINE_bool("prefix_caching", False, "the servers' prefix cache (off: every rate, and the "
-                      "--no_long pass, repeat the same prompts, which the cache would serve)")
+    flags.DEFINE_bool("prefix_caching", True, "the servers' prefix cache (each pass over the stream "
+                      "draws new prompt tokens, so no pass hits another's prefixes)")
     flags.DEFINE_bool("warmup_stream", True, "before the timed rates, send the whole stream once at "
                       "rate inf, unrecorded: programs the stream needs beyond the warm start "
                       "compile there, not in a timed run (each run reports the programs compiled "
@@ -223,6 +223,17 @@ def make_requests(w: Workload) -> list[BenchRequest]:
         prompt = tuple(int(t) for t in rng.integers(TOKEN_LO, TOKEN_HI, n_in))
         reqs.append(BenchRequest(rid, kind, prompt, n_out, float(u[k])))
     return reqs
+
+
+def fresh_tokens(reqs: list[BenchRequest], pass_index: int, seed: int) -> list[BenchRequest]:
+    """The same requests (lengths, outputs, arrivals) with new random prompt
+    tokens for each pass over the stream, so that no pass is served from the
+    prefix cache another pass filled (pass 0 keeps the stream's own tokens)."""
+    if pass_index == 0:
+        return list(reqs)
+    rng = np.random.default_rng([seed, pass_index])
+    return [dataclasses.replace(r, prompt=tuple(int(t) for t in rng.integers(TOKEN_LO, TOKEN_HI, len(r.prompt))))
+            for r in reqs]
 
 
 # ------------------------------------------------------------------ client
@@ -697,22 +708,25 @@ def main(argv) -> None:
             print(f"[{policy}] first request: TTFT {w.ttft * 1e3:.0f} ms, end to end {w.e2e * 1e3:.0f} ms",
                   flush=True)
             results = []
-            shorts = [r for r in reqs if r.kind == "short"]
+            passes = iter(range(1, 1 << 20))   # a fresh prompt draw per pass (pass 0: the stream's)
             warm_compiled = None
             if FLAGS.warmup_stream and not FLAGS.quick:
                 c0 = _compiled(server)
-                asyncio.run(run_rate(server.url, model, reqs, math.inf, FLAGS.request_timeout_s))
+                asyncio.run(run_rate(server.url, model, fresh_tokens(reqs, next(passes), FLAGS.seed),
+                                     math.inf, FLAGS.request_timeout_s))
                 warm_compiled = _compiled(server) - c0
                 print(f"[{policy}] warm-up stream: {warm_compiled} programs compiled", flush=True)
             for rate in rates:
                 c0 = _compiled(server)
-                outs, duration = asyncio.run(run_rate(server.url, model, reqs, rate, FLAGS.request_timeout_s))
+                stream = fresh_tokens(reqs, next(passes), FLAGS.seed)
+                outs, duration = asyncio.run(run_rate(server.url, model, stream, rate, FLAGS.request_timeout_s))
                 res = {"rate": _rate_label(rate), **summarize(outs, duration, slo),
                        "programs_compiled": _compiled(server) - c0}
                 print(f"[{policy}] rate {res['rate']}: {res['completed']} completed, {res['failed']} failed, "
                       f"{res['duration_s']:.1f} s", flush=True)
-                if FLAGS.no_long and len(shorts) < len(reqs):
+                if FLAGS.no_long and any(r.kind == "long" for r in reqs):
                     # the same short arrivals (their u) without the long requests
+                    shorts = [r for r in fresh_tokens(reqs, next(passes), FLAGS.seed) if r.kind == "short"]
                     outs, duration = asyncio.run(run_rate(server.url, model, shorts, rate,
                                                           FLAGS.request_timeout_s))
                     c0 = _compiled(server)
