@@ -10,7 +10,8 @@ clock), so every host of a multi-host job decides the same:
   (vLLM's name and meaning). Its class at arrival (prompt length) labels its
   metrics.
 - Rows per step: decodes first; then one floor of ``long_prefill_min_tokens``
-  rows for each long prefill that runs this step, so it always progresses;
+  rows for each long prefill that runs this step (the ones furthest along),
+  so it always progresses;
   then short prefill chunks, oldest first; then the long prefills take what
   is left, oldest first, but while any other request is live a long chunk is
   capped at ``long_prefill_token_threshold`` rows (vLLM caps every long
@@ -101,11 +102,15 @@ class SchedulingPolicy:
 
     # ---------------------------------------------------------------- rows
     def split_prefills(self, prefills: list) -> tuple[list, list, list]:
-        """Running prefills (arrival order, each with ``.remaining``) ->
-        (short ones, long ones that run this step, long ones that wait: over
-        ``max_long_partial_prefills``, newest)."""
+        """Running prefills (arrival order, each with ``.remaining`` and
+        ``.num_computed``) -> (short ones, long ones that run this step, long
+        ones that wait: over ``max_long_partial_prefills``). The long ones
+        furthest along run first (ties: arrival order): one preempted back to
+        the start does not hold the slot of one that can finish and free its
+        blocks (two long requests would otherwise take turns preempting)."""
         short = [r for r in prefills if not self.is_long(r.remaining)]
-        long_ = [r for r in prefills if self.is_long(r.remaining)]
+        long_ = sorted((r for r in prefills if self.is_long(r.remaining)),
+                       key=lambda r: -r.num_computed)
         k = self.config.max_long_partial_prefills
         return short, long_[:k], long_[k:]
 

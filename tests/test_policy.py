@@ -251,3 +251,22 @@ def test_mixed_streams_finish_every_request_and_repeat_exactly(seed):
     assert a.sched.long_prefill_steps > 0
     # the KV manager got every block back
     assert (a.kv.free_device_blocks() == 24).all()
+
+
+def test_the_long_prefill_furthest_along_runs_first_so_two_long_ones_do_not_livelock():
+    """An older long request preempted back to its start, which may not take
+    blocks from the newer long one (the newer one's home reclaimed from it
+    before), must not hold the long-prefill slot: it would preempt itself
+    every step while the newer one never ran (seen in bench serving)."""
+    d = Driver(instances=2, blocks=64, block_size=16, rows=256, seqs=16)
+    a, b = _req("A", 1827, out=16), _req("B", 1574, out=16)
+    d.add(a, b)
+    a.instance = d.kv.admit("A", 1)
+    b.instance = d.kv.admit("B", 0)
+    a.status = b.status = RequestStatus.RUNNING
+    d.kv.grow("B", 512)
+    b.num_computed = 512
+    d.kv._reqs["A"].reclaimed_by.add(0)
+    d.run(200)
+    assert d.finished["B"] < d.finished["A"]
+    assert d.preempted == []
