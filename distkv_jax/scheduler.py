@@ -125,6 +125,7 @@ class Scheduler:
         self.reserve_blocks = pc.short_reserve_blocks * (
             kc.num_instances if kc.kv_policy == "distributed" else 1)
         self.long_prefill_steps = 0   # steps in which a long prefill chunk ran
+        self._stuck = False           # the last plan ran nothing but preempted (see schedule)
 
     # ---------------------------------------------------------------- queues
     def add(self, req: Request) -> None:
@@ -270,7 +271,14 @@ class Scheduler:
         # then prefill / recompute chunks: short ones, swapped ones, new
         # requests; then long ones, each with a floor of rows kept for it
         # (policy.py)
-        short_p, long_p, _ = pol.split_prefills([r for r in running if r.remaining > 1])
+        short_p, long_p, long_wait = pol.split_prefills([r for r in running if r.remaining > 1])
+        if self._stuck:
+            # the last plan ran nothing and preempted someone: no long-prefill
+            # limit this step (first come, first served), so no two requests
+            # can keep taking turns preempting each other
+            long_p, long_wait = long_p + long_wait, []
+            for r in long_p:
+                r.stalled_steps = max(r.stalled_steps, pol.config.admission_aging_steps)
         cap = pol.long_chunk_cap(len(self.requests) > 1)
         want = {}
         for r in long_p:
@@ -321,6 +329,7 @@ class Scheduler:
             assert start == r.num_computed, (rid, start, r.num_computed)
             long_ran = long_ran or (n > 1 and pol.is_long(r.remaining))
         self.long_prefill_steps += long_ran
+        self._stuck = not kv_plan.scheduled and bool(kv_plan.preempted)
         seqs, rows_used = self._place_rows(kv_plan.scheduled)
         if not seqs:
             # Nothing could run (e.g. everything preempted or too long): let the
