@@ -579,18 +579,23 @@ def _rate_label(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def _print_head(head: str) -> None:
+    print(head)
+    print("-" * len(head))
+
+
 def _short_long_table(runs: list[dict]) -> None:
     """The short requests' figures with the long ones in flight, beside the
     same short arrivals alone (--no_long), and the long requests' latency."""
     head = (f"{'policy':<17} {'rate':>5} {'short good/s':>12} {'TTFT p50/p99':>13} "
             f"{'alone good/s':>12} {'alone p50/p99':>13} {'p99 ratio':>9} {'long TTFT p50':>13} "
             f"{'long E2E p50':>12} {'compiled':>8}")
-    print(head)
-    print("-" * len(head))
-
-    def f(x):
-        return "-" if x is None else f"{x:.0f}"
-
+    _print_head(head)
+    f = _ms
     for run in runs:
         for r in run["results"]:
             sh = r["by_kind"].get("short", {})
@@ -620,12 +625,8 @@ def short_ttft_p99_ratio(r: dict) -> float | None:
 def _print_table(runs: list[dict]) -> None:
     head = (f"{'policy':<12} {'rate':>5} {'ok':>4} {'fail':>4} {'req/s':>6} {'good/s':>6} {'out tok/s':>9} "
             f"{'tot tok/s':>9} {'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>17} {'ITL p50':>8} {'E2E p50':>8}")
-    print(head)
-    print("-" * len(head))
-
-    def f(x):
-        return "-" if x is None else f"{x:.0f}"
-
+    _print_head(head)
+    f = _ms
     for run in runs:
         for r in run["results"]:
             print(f"{run['policy']:<12} {r['rate']:>5} {r['completed']:>4} {r['failed']:>4} "
